@@ -1,0 +1,68 @@
+"""The `dsv32` command (also `python -m dsv32`).
+
+    dsv32 demo                 the tiny model end to end (what `make demo` runs)
+    dsv32 presets              the model presets and their sizes
+    dsv32 info DIR             what a Hugging Face DeepSeek-V3.2 checkpoint directory holds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _presets(args) -> None:
+    from . import presets
+
+    print(f"{'preset':8} {'params':>10} {'active':>10} {'layers':>6} {'dim':>5} {'heads':>5} {'experts':>8} "
+          f"{'indexer':>8} {'top-k':>6}")
+    for name in presets.PRESETS:
+        cfg = presets.get(name)
+        total, active = presets.count_params(cfg)
+        print(f"{name:8} {_fmt(total):>10} {_fmt(active):>10} {cfg.n_layers:>6} {cfg.dim:>5} {cfg.mla.n_heads:>5} "
+              f"{cfg.moe.n_routed_experts:>8} {f'{cfg.indexer.n_heads}x{cfg.indexer.head_dim}':>8} {cfg.indexer.topk:>6}")
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _info(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .model.hf import config_from_hf
+
+    cfg_file = Path(args.path) / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{args.path}: no config.json; expected a Hugging Face DeepseekV32ForCausalLM directory")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    print(json.dumps(cfg.to_dict(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 training system (DSA, GRPO, distillation)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="the tiny model end to end on a CPU", add_help=False)
+    sub.add_parser("presets", help="model presets and their sizes")
+    info = sub.add_parser("info", help="show the dsv32 config of a Hugging Face checkpoint directory")
+    info.add_argument("path")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "demo":
+            from . import demo
+
+            demo.main(rest)
+            return 0
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        {"presets": _presets, "info": _info}[args.command](args)
+    except ValueError as e:  # user mistakes: one clear line, no traceback
+        print(f"dsv32: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

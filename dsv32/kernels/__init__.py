@@ -1,0 +1,1 @@
+"""Attention ops. `reference` is the plain-PyTorch ground truth every fast path is tested against."""

@@ -1,0 +1,153 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) with DeepSeek Sparse Attention (V3.2).
+
+Three ways to compute the same attention, chosen per call:
+- **MHA mode** (prefill from position 0, dense): expand the kv latent into per-head keys and values
+  and call PyTorch SDPA. The fast path for training and short prefill.
+- **Absorbed (MQA) mode, dense** (cached decode / chunked prefill): fold W_UK into the query and W_UV
+  into the output, attend over the latent cache directly (`kernels.reference.mla_masked`).
+- **Absorbed mode, sparse**: the lightning indexer scores every visible key, each query keeps its
+  top-k (one set shared by all heads) and attends over the gathered latents only. When no query has
+  more than k visible keys, top-k keeps everything, so the dense path runs instead (bit-identical).
+
+Legend: B batch, T new tokens, S keys (cache length), H heads, R kv_lora_rank, P rope dims,
+N qk_nope dims, V v dims, K selected keys per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import reference as ref
+from . import rope
+from .cache import LayerCache
+from .config import ModelConfig
+from .indexer import Indexer
+
+QUERY_BLOCK = 256  # queries per block in the sparse path: bounds the [block, S] score and [block, K, R] gathers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class AttnContext:
+    """What every layer needs to know about the tokens of this forward pass."""
+
+    start: int  # absolute position of the first new token (= tokens already cached)
+    cos: torch.Tensor  # [B, T, P/2]
+    sin: torch.Tensor
+    ks: torch.Tensor  # [B, T] first visible key (document start)
+    ke: torch.Tensor  # [B, T] one past the last visible key (causal: position + 1)
+    sparse: bool  # attention mode of the model
+    plain_causal: bool  # no documents and no cached prefix: SDPA's is_causal applies
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.mla
+        self.n_heads, self.nope, self.rope_dim, self.v_dim = m.n_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.kv_rank, self.topk = m.kv_lora_rank, cfg.indexer.topk
+        self.wq_a = nn.Linear(cfg.dim, m.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(m.q_lora_rank)
+        self.wq_b = nn.Linear(m.q_lora_rank, m.n_heads * m.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(m.kv_lora_rank)
+        self.wkv_b = nn.Linear(m.kv_lora_rank, m.n_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.wo = nn.Linear(m.n_heads * m.v_head_dim, cfg.dim, bias=False)
+        self.indexer = Indexer(cfg.dim, m.q_lora_rank, m.qk_rope_head_dim, cfg.indexer)
+        # YaRN sharpens the softmax by mscale^2 (DeepSeek-V3; transformers uses mscale_all_dim).
+        self.softmax_scale = m.qk_head_dim ** -0.5
+        if cfg.rope.scaling == "yarn" and cfg.rope.mscale_all_dim:
+            self.softmax_scale *= rope.yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
+
+    def forward(self, x_BTd: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None,
+                topk_out: list | None = None) -> torch.Tensor:
+        B, T, _ = x_BTd.shape
+        H = self.n_heads
+        qr_BTq = self.q_norm(self.wq_a(x_BTd))
+        q_BTHD = self.wq_b(qr_BTq).view(B, T, H, self.nope + self.rope_dim)
+        q_nope_BTHN, q_pe_BTHP = q_BTHD.split([self.nope, self.rope_dim], dim=-1)
+        q_pe_BTHP = rope.apply_interleaved(q_pe_BTHP, ctx.cos, ctx.sin)
+        kv_BTR, pe_BTP = self.wkv_a(x_BTd).split([self.kv_rank, self.rope_dim], dim=-1)
+        kv_BTR = self.kv_norm(kv_BTR)
+        pe_BTP = rope.apply_interleaved(pe_BTP, ctx.cos, ctx.sin)
+        ik_BTD, ik_scale_BT = self.indexer.keys(x_BTd, ctx.cos, ctx.sin)
+
+        if cache is not None:
+            kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = cache.write(ctx.start, kv_BTR, pe_BTP, ik_BTD, ik_scale_BT)
+        else:
+            kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = kv_BTR, pe_BTP, ik_BTD, ik_scale_BT
+
+        needs_topk = ctx.sparse and int((ctx.ke - ctx.ks).max()) > self.topk
+        if needs_topk:
+            idx_BTK, o_BTHV = self._sparse(x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx)
+            if topk_out is not None:
+                topk_out.append(idx_BTK)
+        else:
+            if topk_out is not None:
+                topk_out.append(None)
+            if ctx.start == 0:
+                o_BTHV = self._mha(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
+            else:
+                mask_BTS = ref.valid_mask(ctx.ks, ctx.ke, kv_BSR.shape[1])
+                o_lat = ref.mla_masked(self._absorb_q(q_nope_BTHN), q_pe_BTHP, kv_BSR, pe_BSP, mask_BTS, self.softmax_scale)
+                o_BTHV = self._absorb_out(o_lat)
+        return self.wo(o_BTHV.reshape(B, T, H * self.v_dim))
+
+    # -- the three paths ---------------------------------------------------------------------
+
+    def _mha(self, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx: AttnContext) -> torch.Tensor:
+        B, S, _ = kv_BSR.shape
+        H, N, V, P = self.n_heads, self.nope, self.v_dim, self.rope_dim
+        k_nope_BSHN, v_BSHV = self.wkv_b(kv_BSR).view(B, S, H, N + V).split([N, V], dim=-1)
+        q_BHTD = torch.cat((q_nope_BTHN, q_pe_BTHP), dim=-1).transpose(1, 2)
+        k_BHSD = torch.cat((k_nope_BSHN, pe_BSP[:, :, None, :].expand(B, S, H, P)), dim=-1).transpose(1, 2)
+        v_BHSV = v_BSHV.transpose(1, 2)
+        if V < N + P:  # equal head dims keep SDPA on its fused (flash) kernels
+            v_BHSV = F.pad(v_BHSV, (0, N + P - V))
+        if ctx.plain_causal:
+            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSV, is_causal=True, scale=self.softmax_scale)
+        else:
+            mask = ref.valid_mask(ctx.ks, ctx.ke, S)[:, None]
+            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSV, attn_mask=mask, scale=self.softmax_scale)
+        return o[..., :V].transpose(1, 2)
+
+    def _sparse(self, x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx):
+        iq_BTHD, iw_BTH = self.indexer.queries(x_BTd, qr_BTq, ctx.cos, ctx.sin)
+        q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+        idx_blocks, o_blocks = [], []
+        for t0 in range(0, x_BTd.shape[1], QUERY_BLOCK):
+            t = slice(t0, t0 + QUERY_BLOCK)
+            scores_BtS = ref.indexer_scores(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS)
+            idx_BtK = ref.select_topk(scores_BtS, ctx.ks[:, t], ctx.ke[:, t], self.topk)
+            o_blocks.append(ref.sparse_mla_gathered(q_lat_BTHR[:, t], q_pe_BTHP[:, t], kv_BSR, pe_BSP,
+                                                    idx_BtK, self.softmax_scale))
+            idx_blocks.append(idx_BtK)
+        return torch.cat(idx_blocks, dim=1), self._absorb_out(torch.cat(o_blocks, dim=1))
+
+    # -- weight absorption (DeepSeek-V2 §2.1.2) ----------------------------------------------
+
+    def _wkv_b_HXR(self) -> torch.Tensor:
+        return self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+
+    def _absorb_q(self, q_nope_BTHN: torch.Tensor) -> torch.Tensor:
+        """q_nope . (W_UK c) == (q_nope W_UK) . c: queries in latent space [B, T, H, R]."""
+        return torch.einsum("bthn,hnr->bthr", q_nope_BTHN, self._wkv_b_HXR()[:, : self.nope])
+
+    def _absorb_out(self, o_lat_BTHR: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space -> per-head values [B, T, H, V]."""
+        return torch.einsum("bthr,hvr->bthv", o_lat_BTHR, self._wkv_b_HXR()[:, self.nope:])
