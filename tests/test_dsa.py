@@ -47,7 +47,7 @@ def test_topk_below_T_changes_logits():
         sparse = model.set_attn_mode("sparse")(x, trace=tr)
     assert all(t is not None for t in tr.topk)
     # Rows t < k see at most k keys: identical up to float error; later rows differ.
-    torch.testing.assert_close(sparse[:, :8], dense[:, :8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[:, :8], dense[:, :8], atol=1e-4, rtol=1e-4)
     assert (sparse[:, 8:] - dense[:, 8:]).abs().max() > 1e-2
 
 
@@ -62,7 +62,7 @@ def test_sparse_path_with_k_covering_all_but_last_row_matches_dense():
         tr = Trace()
         sparse = model.set_attn_mode("sparse")(x, trace=tr)
     assert all(t is not None for t in tr.topk)
-    torch.testing.assert_close(sparse[:, : T - 1], dense[:, : T - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[:, : T - 1], dense[:, : T - 1], atol=1e-4, rtol=1e-4)
     assert (sparse[:, T - 1] - dense[:, T - 1]).abs().max() > 1e-3
 
 
@@ -331,8 +331,8 @@ def test_document_packing(mode):
             tr1, tr2 = Trace(), Trace()
             first = model(x[b:b + 1, :s0], trace=tr1)
             second = model(x[b:b + 1, s0:], trace=tr2)
-            torch.testing.assert_close(packed[b:b + 1, :s0], first, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(packed[b:b + 1, s0:], second, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(packed[b:b + 1, :s0], first, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(packed[b:b + 1, s0:], second, atol=1e-4, rtol=1e-4)
             if mode == "sparse":
                 for idx, i2 in zip(tr.topk, tr2.topk):
                     # Same selection as the document alone, shifted by its start.
@@ -360,7 +360,7 @@ def test_document_packing_changes_logits():
     with torch.no_grad():
         packed = model(x, doc_ids=doc_ids)
         plain = model(x)
-    torch.testing.assert_close(packed[:, :20], plain[:, :20], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, :20], plain[:, :20], atol=1e-4, rtol=1e-4)
     assert (packed[:, 20:] - plain[:, 20:]).abs().max() > 1e-2
 
 
