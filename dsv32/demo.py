@@ -1,6 +1,6 @@
 """`make demo` / `dsv32 demo`: the tiny model end to end on a CPU, in about a minute.
 
-    dsv32 demo [--steps 60] [--seq-len 256] [--out runs/demo]
+    dsv32 demo [--steps 120] [--sparse-steps 60] [--seq-len 256] [--out runs/demo]
 
 1. builds the `tiny` preset; 2. trains it densely on text that ships with Python (the standard
 library's docstrings, byte-level); 3. switches to sparse attention (top-k 64 of 256 keys) and trains on;
@@ -69,7 +69,8 @@ def train(model, data_iter, steps: int, lr: float, log_every: int = 10) -> list[
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="dsv32 demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60, help="training steps per mode")
+    p.add_argument("--steps", type=int, default=120, help="dense training steps")
+    p.add_argument("--sparse-steps", type=int, default=60, help="sparse training steps after the dense ones")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -93,13 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"batch {args.batch} x {args.seq_len} bytes, {args.steps} steps")
     dense = train(model.set_attn_mode("dense"), batches(data, args.batch, args.seq_len, gen), args.steps, args.lr)
 
-    print(f"[3/5] sparse training: each query attends to its top-{cfg.indexer.topk} of up to {args.seq_len} keys")
+    print(f"[3/5] sparse training: each query attends to its top-{cfg.indexer.topk} of up to {args.seq_len} keys, "
+          f"{args.sparse_steps} steps")
     model.set_attn_mode("sparse")
     trace = Trace()
     with torch.no_grad():
         model(data[None, : args.seq_len], trace=trace)
     kept = (trace.topk[-1] >= 0).sum(-1).float().mean().item()
-    sparse = train(model, batches(data, args.batch, args.seq_len, gen), args.steps, args.lr / 3)
+    sparse = train(model, batches(data, args.batch, args.seq_len, gen), args.sparse_steps, args.lr / 3)
 
     model.eval()
     prompt = "Return the "
@@ -116,11 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[5/5] wrote a Hugging Face checkpoint to {out_dir}/ (config.json + model.safetensors); "
           f"reloaded logits identical: {same}")
 
-    summary = {"params": total, "dense_loss": (dense[0], dense[-1]), "sparse_loss": (sparse[0], sparse[-1]),
-               "mean_keys_per_query": kept, "completion": completion, "reload_identical": same,
-               "seconds": time.time() - t0}
-    print(f"done in {summary['seconds']:.0f}s: dense loss {dense[0]:.2f} -> {dense[-1]:.2f}, "
-          f"sparse loss {sparse[0]:.2f} -> {sparse[-1]:.2f} (mean {kept:.0f} keys per query)")
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    summary = {"params": total, "dense_loss": (dense[0], mean(dense[-10:])),
+               "sparse_loss": (mean(sparse[:10]), mean(sparse[-10:])), "mean_keys_per_query": kept,
+               "completion": completion, "reload_identical": same, "seconds": time.time() - t0}
+    print(f"done in {summary['seconds']:.0f}s: dense loss {dense[0]:.2f} -> {mean(dense[-10:]):.2f}, then sparse "
+          f"{mean(sparse[:10]):.2f} -> {mean(sparse[-10:]):.2f} (means of 10 steps; {kept:.0f} keys per query "
+          f"on average, of up to {args.seq_len})")
     return summary
 
 

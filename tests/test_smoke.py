@@ -10,15 +10,14 @@ from dsv32 import demo
 
 
 def test_tiny_loss_falls_in_both_modes():
-    torch.manual_seed(0)
-    model = Transformer(presets.tiny())
     data = torch.tensor(list(demo.stdlib_text()[:200_000]), dtype=torch.long)
-    gen = torch.Generator().manual_seed(0)
-    for mode in ("dense", "sparse"):
-        model.set_attn_mode(mode)
+    for mode in ("dense", "sparse"):  # 160 tokens > top-k 64: the sparse path runs
+        torch.manual_seed(0)
+        model = Transformer(presets.tiny()).set_attn_mode(mode)
+        gen = torch.Generator().manual_seed(0)
         losses = demo.train(model, demo.batches(data, 4, 160, gen), steps=20, lr=3e-3, log_every=100)
         first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-        assert last < first - 0.05, f"{mode}: loss did not fall ({first:.3f} -> {last:.3f})"
+        assert last < first - 1.0, f"{mode}: loss did not fall ({first:.3f} -> {last:.3f})"
 
 
 def test_cli_presets_and_errors(tmp_path):

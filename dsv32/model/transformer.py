@@ -20,7 +20,7 @@ from . import rope
 from .attention import MLA, AttnContext, RMSNorm
 from .cache import Cache
 from .config import ModelConfig
-from .moe import MLP, MoE
+from .moe import MLP, Gate, MoE
 
 
 @dataclass
@@ -75,28 +75,38 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """Every initialisation in one place.
 
-        Linear and embedding weights, router and stacked experts: N(0, init_std). Output projections
-        that write into the residual stream (attention `wo`, MLP/expert `w2`) get init_std/sqrt(2*n_layers)
-        (GPT-2) so the residual variance does not grow with depth. Norm weights 1, LayerNorm bias 0,
-        router correction bias 0.
+        Linear, embedding, router and stacked expert weights: N(0, init_std). Projections that write
+        into the residual stream (attention `wo`, MLP and expert `w2`) get init_std / sqrt(2 * n_layers)
+        (GPT-2), so the residual variance does not grow with depth. RMSNorm / LayerNorm weights 1,
+        LayerNorm bias 0, router correction bias 0.
         """
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         std = self.cfg.init_std
         out_std = std / (2 * self.cfg.n_layers) ** 0.5
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            leaf = name.rsplit(".", 2)
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("norm.bias"):
-                p.zero_()
-            else:
-                s = out_std if ("attn.wo." in name or leaf[-2] == "w2" or name.endswith(".w2")) else std
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+
+        def normal_(t: torch.Tensor, s: float) -> None:
+            if not t.is_meta:
+                t.copy_(torch.randn(t.shape, generator=gen) * s)
+
         for m in self.modules():
-            if hasattr(m, "bias") and isinstance(m.bias, torch.Tensor) and not isinstance(m.bias, nn.Parameter):
-                m.bias.zero_()  # the router's correction bias (a buffer)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                normal_(m.weight, std)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, Gate):
+                normal_(m.weight, std)
+                m.bias.zero_()
+            elif isinstance(m, MoE):
+                normal_(m.w1, std)
+                normal_(m.w3, std)
+                normal_(m.w2, out_std)
+        for m in self.modules():
+            if isinstance(m, MLA):
+                normal_(m.wo.weight, out_std)
+            elif isinstance(m, MLP):
+                normal_(m.w2.weight, out_std)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
