@@ -21,13 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..kernels import reference as ref
 from . import rope
 from .cache import LayerCache
 from .config import ModelConfig
 from .indexer import Indexer
-
-QUERY_BLOCK = 256  # queries per block in the sparse path: bounds the [block, S] score and [block, K, R] gathers
 
 
 class RMSNorm(nn.Module):
@@ -127,17 +126,11 @@ class MLA(nn.Module):
         return o[..., :V].transpose(1, 2)
 
     def _sparse(self, x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx):
+        ops = kernels.get(x_BTd.device.type)
         iq_BTHD, iw_BTH = self.indexer.queries(x_BTd, qr_BTq, ctx.cos, ctx.sin)
-        q_lat_BTHR = self._absorb_q(q_nope_BTHN)
-        idx_blocks, o_blocks = [], []
-        for t0 in range(0, x_BTd.shape[1], QUERY_BLOCK):
-            t = slice(t0, t0 + QUERY_BLOCK)
-            scores_BtS = ref.indexer_scores(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS)
-            idx_BtK = ref.select_topk(scores_BtS, ctx.ks[:, t], ctx.ke[:, t], self.topk)
-            o_blocks.append(ref.sparse_mla_gathered(q_lat_BTHR[:, t], q_pe_BTHP[:, t], kv_BSR, pe_BSP,
-                                                    idx_BtK, self.softmax_scale))
-            idx_blocks.append(idx_BtK)
-        return torch.cat(idx_blocks, dim=1), self._absorb_out(torch.cat(o_blocks, dim=1))
+        idx_BTK = ops.indexer_topk(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke, self.topk)
+        o_lat_BTHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN), q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale)
+        return idx_BTK, self._absorb_out(o_lat_BTHR)
 
     # -- weight absorption (DeepSeek-V2 §2.1.2) ----------------------------------------------
 
