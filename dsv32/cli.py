@@ -3,6 +3,7 @@
     dsv32 demo                 the tiny model end to end (what `make demo` runs)
     dsv32 presets              the model presets and their sizes
     dsv32 info DIR             what a Hugging Face DeepSeek-V3.2 checkpoint directory holds
+    dsv32 bench attention      DSA against dense MLA and transformers, one layer (what `make bench` runs)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("presets", help="model presets and their sizes")
     info = sub.add_parser("info", help="show the dsv32 config of a Hugging Face checkpoint directory")
     info.add_argument("path")
+    sub.add_parser("bench", help="benchmarks: `dsv32 bench attention` (DSA against dense attention)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "demo":
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
             demo.main(rest)
             return 0
+        if args.command == "bench":
+            from . import bench
+
+            return bench.main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         {"presets": _presets, "info": _info}[args.command](args)

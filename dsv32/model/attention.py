@@ -52,6 +52,7 @@ class AttnContext:
     ke: torch.Tensor  # [B, T] one past the last visible key (causal: position + 1)
     sparse: bool  # attention mode of the model
     plain_causal: bool  # no documents and no cached prefix: SDPA's is_causal applies
+    max_visible: int  # max over queries of ke - ks (known on the host: no device sync per layer)
 
 
 class MLA(nn.Module):
@@ -84,15 +85,16 @@ class MLA(nn.Module):
         kv_BTR, pe_BTP = self.wkv_a(x_BTd).split([self.kv_rank, self.rope_dim], dim=-1)
         kv_BTR = self.kv_norm(kv_BTR)
         pe_BTP = rope.apply_interleaved(pe_BTP, ctx.cos, ctx.sin)
-        ik_BTD, ik_scale_BT = self.indexer.keys(x_BTd, ctx.cos, ctx.sin)
+        ik_BTD = ik_scale_BT = None
+        if ctx.sparse or cache is not None:  # index keys are cached even in dense mode, for later sparse steps
+            ik_BTD, ik_scale_BT = self.indexer.keys(x_BTd, ctx.cos, ctx.sin)
 
         if cache is not None:
             kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = cache.write(ctx.start, kv_BTR, pe_BTP, ik_BTD, ik_scale_BT)
         else:
             kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = kv_BTR, pe_BTP, ik_BTD, ik_scale_BT
 
-        needs_topk = ctx.sparse and int((ctx.ke - ctx.ks).max()) > self.topk
-        if needs_topk:
+        if ctx.sparse and ctx.max_visible > self.topk:
             idx_BTK, o_BTHV = self._sparse(x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx)
             if topk_out is not None:
                 topk_out.append(idx_BTK)
@@ -102,9 +104,7 @@ class MLA(nn.Module):
             if ctx.start == 0:
                 o_BTHV = self._mha(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
             else:
-                mask_BTS = ref.valid_mask(ctx.ks, ctx.ke, kv_BSR.shape[1])
-                o_lat = ref.mla_masked(self._absorb_q(q_nope_BTHN), q_pe_BTHP, kv_BSR, pe_BSP, mask_BTS, self.softmax_scale)
-                o_BTHV = self._absorb_out(o_lat)
+                o_BTHV = self._absorbed_dense(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
         return self.wo(o_BTHV.reshape(B, T, H * self.v_dim))
 
     # -- the three paths ---------------------------------------------------------------------
@@ -124,6 +124,20 @@ class MLA(nn.Module):
             mask = ref.valid_mask(ctx.ks, ctx.ke, S)[:, None]
             o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSV, attn_mask=mask, scale=self.softmax_scale)
         return o[..., :V].transpose(1, 2)
+
+    def _absorbed_dense(self, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx: AttnContext) -> torch.Tensor:
+        """Dense attention over the latent cache (decode, chunked prefill): `kernels.reference.mla_masked`
+        with the matmuls in the input dtype (bf16 on AMX CPUs and GPUs) and an fp32 softmax."""
+        B, T, H, _ = q_nope_BTHN.shape
+        S = kv_BSR.shape[1]
+        q_lat_BXR = self._absorb_q(q_nope_BTHN).reshape(B, T * H, self.kv_rank)  # X = T*H query rows
+        s_BXS = ((q_lat_BXR @ kv_BSR.transpose(1, 2)).float()
+                 + (q_pe_BTHP.reshape(B, T * H, self.rope_dim) @ pe_BSP.transpose(1, 2)).float())
+        s_BTHS = s_BXS.view(B, T, H, S) * self.softmax_scale
+        visible_BT1S = ref.valid_mask(ctx.ks, ctx.ke, S)[:, :, None, :]
+        p_BTHS = torch.softmax(s_BTHS.masked_fill(~visible_BT1S, float("-inf")), dim=-1).to(kv_BSR.dtype)
+        o_lat_BTHR = (p_BTHS.view(B, T * H, S) @ kv_BSR).view(B, T, H, self.kv_rank)
+        return self._absorb_out(o_lat_BTHR)
 
     def _sparse(self, x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx):
         ops = kernels.get(x_BTd.device.type)

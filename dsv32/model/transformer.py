@@ -158,7 +158,8 @@ class Transformer(nn.Module):
             boundary_BS[:, 1:] = docs_BS[:, 1:] != docs_BS[:, :-1]
             ks_BT = torch.where(boundary_BS, s, 0).cummax(dim=1).values[:, start:start + T]
             plain = start == 0 and doc_ids_BT is None
-        return AttnContext(start, cos, sin, ks_BT, ke_BT, self.cfg.attn_mode == "sparse", plain)
+        max_visible = start + T if doc_ids_BT is None and cache is None else int((ke_BT - ks_BT).max())
+        return AttnContext(start, cos, sin, ks_BT, ke_BT, self.cfg.attn_mode == "sparse", plain, max_visible)
 
     def hidden(self, input_ids: torch.Tensor, *, cache: Cache | None = None, doc_ids: torch.Tensor | None = None,
                routes: list | None = None, trace: Trace | None = None) -> torch.Tensor:
