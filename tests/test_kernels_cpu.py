@@ -1,0 +1,392 @@
+"""The CPU DSA backend (dsv32/kernels/cpu.py) against the reference ops.
+
+indexer_topk: exact sets and order in fp32 (tie rule included), >= 98% overlap in bf16. sparse_mla:
+forward and all four gradients to 1e-5, with -1 slots and all-invalid rows. The indexer-KL helpers
+against brute-force dense computations. No tensor of T*S/4 elements at T = S = 4096. The model gives
+the same logits and gradients with the cpu and the reference backend.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import dsv32.kernels as kernels
+from conftest import make_config, scale_weights
+from dsv32 import Trace, Transformer
+from dsv32.kernels import cpu
+from dsv32.kernels import reference as ref
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _index_inputs(B, T, S, H, D, seed=0, scale=False, dtype=torch.float32):
+    g = _gen(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
+    w = torch.randn(B, T, H, generator=g) * (H * D) ** -0.5
+    k = torch.randn(B, S, D, generator=g).to(dtype)
+    ksc = torch.rand(B, S, generator=g) + 0.5 if scale else None
+    return q, w, k, ksc
+
+
+def _causal(B, T, S):
+    """ks/ke of T new tokens at the end of an S-token sequence (chunked prefill when T < S)."""
+    ke = torch.arange(S - T + 1, S + 1).expand(B, T).contiguous()
+    return torch.zeros(B, T, dtype=torch.long), ke
+
+
+def _ref_topk(q, w, k, ksc, ks, ke, topk):
+    return ref.select_topk(ref.indexer_scores(q, w, k, ksc), ks, ke, topk)
+
+
+# -- indexer_topk ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,T,S,H,D,topk,scale", [
+    (1, 16, 16, 4, 16, 32, False),     # S < k
+    (2, 24, 24, 4, 16, 24, True),      # S == k
+    (2, 96, 700, 4, 16, 32, False),    # S >> k, batch > 1
+    (1, 40, 300, 16, 32, 64, True),    # more heads, k_scale
+    (3, 1, 2000, 4, 16, 64, False),    # decode: one query, long cache
+])
+def test_indexer_topk_causal_exact(B, T, S, H, D, topk, scale):
+    q, w, k, ksc = _index_inputs(B, T, S, H, D, scale=scale)
+    ks, ke = _causal(B, T, S)
+    assert torch.equal(cpu.indexer_topk(q, w, k, ksc, ks, ke, topk), _ref_topk(q, w, k, ksc, ks, ke, topk))
+
+
+def test_indexer_topk_documents_exact():
+    """Packed documents (ks > 0), empty ranges, ranges past S, non-uniform blocks."""
+    B, T, S, H, D, topk = 2, 120, 400, 4, 16, 24
+    q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=1, scale=True)
+    g = _gen(1)
+    ks = torch.randint(0, 300, (B, T), generator=g)
+    ke = ks + torch.randint(0, 150, (B, T), generator=g)  # some empty, some past S
+    ks[0, :5] = 350
+    ke[0, :5] = 340  # ke < ks: nothing visible
+    assert torch.equal(cpu.indexer_topk(q, w, k, ksc, ks, ke, topk), _ref_topk(q, w, k, ksc, ks, ke, topk))
+
+
+def test_indexer_topk_decode_reads_cache_slice():
+    """Decode against a long cache with documents: ks/ke of the last position only."""
+    B, S, H, D, topk = 2, 3000, 4, 32, 128
+    q, w, k, _ = _index_inputs(B, 1, S, H, D, seed=2)
+    ks = torch.tensor([[0], [1700]])
+    ke = torch.tensor([[S], [2999]])
+    assert torch.equal(cpu.indexer_topk(q, w, k, None, ks, ke, topk), _ref_topk(q, w, k, None, ks, ke, topk))
+
+
+def test_indexer_topk_ties_exact():
+    """Many exact-zero scores (every ReLU is 0): ties go to the lowest index, like the reference."""
+    B, T, S, H, D, topk = 2, 64, 500, 4, 16, 48
+    q, w, k, _ = _index_inputs(B, T, S, H, D, seed=3)
+    q[:, ::2] = -q[:, ::2].abs()
+    k = k.abs()  # even rows: all logits <= 0, so every score is exactly 0 (or -0.0 where w < 0)
+    k[:, 100:110] = -k[:, 100:110]  # odd rows: a few positive logits among the zeros
+    q[:, 1::2] = -q[:, 1::2].abs()
+    ks, ke = _causal(B, T, S)
+    out = cpu.indexer_topk(q, w, k, None, ks, ke, topk)
+    assert torch.equal(out, _ref_topk(q, w, k, None, ks, ke, topk))
+    assert torch.equal(out[:, 0, :topk], torch.arange(topk).expand(B, topk))  # the plateau: lowest indices
+
+
+@pytest.mark.parametrize("hits", [2, 8])
+def test_indexer_topk_prefilter_exact(monkeypatch, hits):
+    """Long rows take the sampled-threshold prefilter (forced at small k here), exactly like the reference."""
+    monkeypatch.setattr(cpu, "_SAMPLE_HITS", hits)
+    B, T, S, H, D, topk = 2, 80, 3000, 4, 16, 64
+    q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=4, scale=True)
+    ks, ke = _causal(B, T, S)
+    ks[1, 40:] = 900  # a document boundary inside the block
+    assert torch.equal(cpu.indexer_topk(q, w, k, ksc, ks, ke, topk), _ref_topk(q, w, k, ksc, ks, ke, topk))
+
+
+def test_topk_block_adversarial_scores(monkeypatch):
+    """_topk_block on crafted scores: a strided pattern that defeats the sample (the direct fallback),
+    +0.0 / -0.0 ties, short rows, rows with nothing visible."""
+    monkeypatch.setattr(cpu, "_SAMPLE_HITS", 4)
+    T, S, k = 8, 2048, 64
+    g = _gen(5)
+    s = torch.randn(T, S, generator=g)
+    m = k // 4
+    s[0] = torch.rand(S, generator=g)
+    s[0, : 40 * m: m] = 5.0  # 40 < k high keys, all at sampled positions: the sample threshold leaves < k keys
+    s[1] = 0.0
+    s[1, 1::2] = -0.0
+    s[2, :] = torch.randint(-3, 3, (S,), generator=g).float()  # heavy ties
+    ks = torch.tensor([0, 0, 0, 100, 0, 50, 2000, 0])
+    ke = torch.tensor([S, S, S, 130, S, S, 2000, S - 7])
+    expect = ref.select_topk(s[None], ks[None], ke[None], k)[0]
+    # the whole block (row 1 has too many candidates: all direct), one row at a time, all rows but 1
+    for rows in [list(range(T))] + [[r] for r in range(T)] + [[0, 2, 3, 4, 5, 6, 7]]:
+        for prefilter in (True, False):
+            out = torch.full((len(rows), k), -7, dtype=torch.long)
+            cpu._topk_block(s[rows].clone(), 0, ks[rows], ke[rows], out, S, prefilter=prefilter)
+            assert torch.equal(out, expect[rows]), (rows, prefilter)
+
+
+def test_indexer_topk_edge_cases():
+    q, w, k, _ = _index_inputs(2, 3, 50, 4, 16, seed=7)
+    ks, ke = _causal(2, 3, 50)
+    assert cpu.indexer_topk(q, w, k, None, ks, ke, 0).shape == (2, 3, 0)
+    ke[1] = ks[1]  # a batch row whose queries see nothing
+    out = cpu.indexer_topk(q, w, k, None, ks, ke, 8)
+    assert torch.equal(out, _ref_topk(q, w, k, None, ks, ke, 8)) and (out[1] == -1).all()
+
+
+def test_indexer_topk_bf16_overlap():
+    B, T, S, H, D, topk = 1, 64, 2048, 4, 64, 256
+    q, w, k, _ = _index_inputs(B, T, S, H, D, seed=6, dtype=torch.bfloat16)
+    ks, ke = _causal(B, T, S)
+    out = cpu.indexer_topk(q, w, k, None, ks, ke, topk)
+    expect = _ref_topk(q.float(), w, k.float(), None, ks, ke, topk)
+    hits = sum(len(set(out[0, t].tolist()) & set(expect[0, t].tolist())) for t in range(T))
+    assert hits / (T * topk) >= 0.98
+
+
+# -- sparse_mla --------------------------------------------------------------------------------
+
+
+def _attn_inputs(B, T, S, H, R, P, seed=0, dtype=torch.float32):
+    g = _gen(seed)
+    return [(torch.randn(*shape, generator=g) * s).to(dtype).requires_grad_()
+            for shape, s in (((B, T, H, R), 0.3), ((B, T, H, P), 0.3), ((B, S, R), 1.0), ((B, S, P), 1.0))]
+
+
+def _idx(B, T, S, K, seed=0, p_invalid=0.3):
+    """Distinct keys per row, -1 anywhere; one all-invalid row and one block of causal-style trailing -1."""
+    g = _gen(seed)
+    idx = torch.stack([torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)]) for _ in range(B)])
+    idx[torch.rand(B, T, K, generator=g) < p_invalid] = -1
+    idx[0, 1] = -1
+    idx[-1, 2:6, K // 2:] = -1
+    return idx
+
+
+@pytest.mark.parametrize("B,T,S,H,R,P,K,block", [
+    (2, 9, 40, 3, 16, 8, 12, None),
+    (1, 33, 300, 4, 32, 8, 64, None),
+    (2, 17, 64, 2, 8, 4, 20, 1),  # one query per block
+])
+def test_sparse_mla_forward_and_grads(monkeypatch, B, T, S, H, R, P, K, block):
+    if block is not None:
+        monkeypatch.setattr(cpu, "BLOCK_BYTES", block)
+    inputs = _attn_inputs(B, T, S, H, R, P)
+    idx = _idx(B, T, S, K)
+    out = cpu.sparse_mla(*inputs, idx, 0.37)
+    expect = ref.sparse_mla_gathered(*inputs, idx, 0.37)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))  # all-invalid row
+    go = torch.randn(out.shape, generator=_gen(9))
+    got = torch.autograd.grad(out, inputs, go)
+    want = torch.autograd.grad(expect, inputs, go)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[0][0, 1], torch.zeros_like(got[0][0, 1]))
+
+
+def test_sparse_mla_no_slots():
+    inputs = _attn_inputs(1, 3, 5, 2, 8, 4)
+    out = cpu.sparse_mla(*inputs, torch.zeros(1, 3, 0, dtype=torch.long), 0.5)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in inputs)
+
+
+def test_sparse_mla_invalid_slots_never_touch_the_last_key():
+    B, T, S, H, R, P, K = 1, 6, 30, 2, 8, 4, 10
+    q_lat, q_pe, kv, pe = _attn_inputs(B, T, S, H, R, P, seed=1)
+    idx = _idx(B, T, S - 1, K, seed=1)  # never the last key
+    out = cpu.sparse_mla(q_lat, q_pe, kv, pe, idx, 0.5)
+    out.sum().backward()
+    assert torch.equal(kv.grad[:, -1], torch.zeros_like(kv.grad[:, -1]))
+    assert torch.equal(pe.grad[:, -1], torch.zeros_like(pe.grad[:, -1]))
+
+
+def test_sparse_mla_bf16_close_to_fp32():
+    B, T, S, H, R, P, K = 1, 16, 256, 4, 64, 16, 64
+    inputs = _attn_inputs(B, T, S, H, R, P, seed=2)
+    idx = _idx(B, T, S, K, seed=2)
+    o32 = ref.sparse_mla_gathered(*inputs, idx, 0.1)
+    o16 = cpu.sparse_mla(*[t.detach().bfloat16().requires_grad_() for t in inputs], idx, 0.1)
+    assert o16.dtype == torch.bfloat16
+    torch.testing.assert_close(o16.float(), o32, atol=3e-2, rtol=3e-2)
+
+
+# -- indexer KL helpers ------------------------------------------------------------------------
+
+
+def _dense_head_probs(q_lat, q_pe, kv, pe, mask_BTS, scale):
+    """Brute force [B, T, H, S] per-head softmax over `mask` (zeros where nothing is visible)."""
+    s = (torch.einsum("bthr,bsr->bths", q_lat, kv) + torch.einsum("bthp,bsp->bths", q_pe, pe)) * scale
+    return ref._masked_softmax(s, mask_BTS[:, :, None, :])
+
+
+def test_sparse_attn_target_matches_dense_brute_force():
+    B, T, S, H, R, P, K = 2, 7, 30, 3, 8, 4, 9
+    inputs = [t.detach() for t in _attn_inputs(B, T, S, H, R, P, seed=3)]
+    idx = _idx(B, T, S, K, seed=3)
+    p = cpu.sparse_attn_target(*inputs, idx, 0.6)
+    probs = _dense_head_probs(*inputs, ref.selected_mask(idx, S), 0.6).sum(2)  # [B, T, S]
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-10)
+    expect = torch.where(idx >= 0, probs.gather(-1, idx.clamp_min(0)), 0.0)
+    torch.testing.assert_close(p, expect, atol=1e-6, rtol=1e-5)
+    assert torch.equal(p[0, 1], torch.zeros(K))
+    # From the forward's saved log-sum-exp: the same target
+    _, lse = cpu.sparse_mla_lse(*inputs, idx, 0.6)
+    torch.testing.assert_close(cpu.sparse_attn_target(*inputs, idx, 0.6, lse_BTH=lse), p, atol=1e-6, rtol=1e-5)
+
+
+def test_indexer_scores_gathered_and_grads():
+    B, T, S, H, D, K = 2, 6, 25, 3, 8, 7
+    q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=4, scale=True)
+    leaves = [t.requires_grad_() for t in (q, w, k, ksc)]
+    idx = _idx(B, T, S, K, seed=4)
+    got = cpu.indexer_scores_gathered(*leaves, idx)
+    full = ref.indexer_scores(*leaves)
+    expect = torch.where(idx >= 0, full.gather(-1, idx.clamp_min(0)), 0.0)
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
+    go = torch.randn(got.shape, generator=_gen(4))
+    for a, b in zip(torch.autograd.grad(got, leaves, go), torch.autograd.grad(expect, leaves, go)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_indexer_kl_sparse_brute_force():
+    B, T, K = 2, 5, 6
+    g = _gen(5)
+    idx = _idx(B, T, 20, K, seed=5)
+    scores = torch.randn(B, T, K, generator=g, requires_grad=True)
+    p = torch.rand(B, T, K, generator=g) * (idx >= 0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-10)
+    loss = cpu.indexer_kl_sparse(scores, p, idx)
+    total, rows = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            v = [j for j in range(K) if idx[b, t, j] >= 0]
+            if not v:
+                continue
+            logq = torch.log_softmax(scores[b, t, v].double(), -1)
+            pv = p[b, t, v].double()
+            total = total + sum(float(pv[i]) * (math.log(float(pv[i])) - logq[i]) for i in range(len(v)) if pv[i] > 0)
+            rows += 1
+    expect = total / rows
+    torch.testing.assert_close(loss.double(), expect, atol=1e-6, rtol=1e-6)
+    (gs,) = torch.autograd.grad(loss, scores)
+    (ge,) = torch.autograd.grad(expect, scores)
+    torch.testing.assert_close(gs, ge.float(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(gs[0, 1], torch.zeros(K))  # the all-invalid row: no loss, no gradient, no NaN
+
+
+def _dense_kl_brute(q_lat, q_pe, kv, pe, scale, iq, iw, ik, iks, ks, ke):
+    S = kv.shape[1]
+    mask = ref.valid_mask(ks, ke, S)
+    p = _dense_head_probs(q_lat, q_pe, kv, pe, mask, scale).sum(2)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-10)
+    I = ref.indexer_scores(iq, iw, ik, iks)
+    row = mask.any(-1)
+    logq = torch.log_softmax(I.masked_fill(~mask & row[..., None], float("-inf")), -1)
+    kl = torch.where(mask, torch.xlogy(p, p) - p * torch.where(mask, logq, 0.0), 0.0).sum(-1)
+    return kl[row].mean()
+
+
+@pytest.mark.parametrize("q_block,k_block", [(None, None), (3, 7), (1, 64)])
+def test_dense_attn_target_kl_brute_force(q_block, k_block):
+    B, T, S, H, R, P, HI, D = 2, 10, 23, 3, 8, 4, 2, 8
+    attn = [t.detach() for t in _attn_inputs(B, T, S, H, R, P, seed=6)]
+    iq, iw, ik, iks = _index_inputs(B, T, S, HI, D, seed=6, scale=True)
+    leaves = [t.requires_grad_() for t in (iq, iw, ik, iks)]
+    ks, ke = _causal(B, T, S)
+    ks[1, 5:] = 16  # a document starts at 16
+    ke[0, 0] = 0  # a row with nothing visible
+    got = cpu.dense_attn_target_kl(*attn, 0.45, *leaves, ks, ke, q_block=q_block, k_block=k_block)
+    expect = _dense_kl_brute(*attn, 0.45, *leaves, ks, ke)
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(2.0 * got, leaves), torch.autograd.grad(2.0 * expect, leaves)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # the value alone (no gradients computed in the forward)
+        torch.testing.assert_close(cpu.dense_attn_target_kl(*attn, 0.45, *leaves, ks, ke, q_block=q_block,
+                                                            k_block=k_block), expect.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_dense_attn_target_kl_no_grad_to_attention():
+    B, T, S, H, R, P, HI, D = 1, 6, 6, 2, 8, 4, 2, 8
+    attn = _attn_inputs(B, T, S, H, R, P, seed=7)
+    iq, iw, ik, _ = _index_inputs(B, T, S, HI, D, seed=7)
+    iq.requires_grad_()
+    loss = cpu.dense_attn_target_kl(*attn, 0.5, iq, iw, ik, None, *_causal(B, T, S))
+    loss.backward()
+    assert iq.grad is not None and iq.grad.abs().sum() > 0
+    assert all(t.grad is None for t in attn)
+
+
+# -- memory: no T x S / 4 tensor ----------------------------------------------------------------
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op outputs (and which op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op, self.ops = 0, None, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.__name__)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), func
+        return out
+
+
+def test_no_quadratic_tensor():
+    T = S = 4096
+    B, H, D, HA, R, P, K = 1, 2, 16, 2, 16, 8, 256
+    q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=8, scale=True)
+    ks, ke = _causal(B, T, S)
+    inputs = _attn_inputs(B, T, S, HA, R, P, seed=8)
+    with _LargestTensor() as mode:
+        idx = cpu.indexer_topk(q, w, k, ksc, ks, ke, K)
+        out = cpu.sparse_mla(*inputs, idx, 0.3)
+        out.backward(torch.ones_like(out))
+    assert any(op.startswith("index_add_") for op in mode.ops)  # the backward ran under the mode
+    assert mode.numel < T * S // 4, (mode.numel, mode.op)
+    assert (idx[0, -1] >= 0).all() and (idx[0, :K - 1, -1] == -1).all()
+
+
+# -- the model with the cpu backend ------------------------------------------------------------
+
+
+@pytest.fixture
+def _restore_backend():
+    yield
+    kernels.use(None)
+
+
+def test_model_cpu_backend_matches_reference(_restore_backend):
+    torch.manual_seed(0)
+    model = scale_weights(Transformer(make_config())).set_attn_mode("sparse")
+    x = torch.randint(0, 97, (2, 40), generator=_gen(10))
+    doc_ids = torch.zeros(2, 40, dtype=torch.long)
+    doc_ids[1, 17:] = 1  # packed documents in the second row
+    results = {}
+    for name in ("reference", "cpu"):
+        kernels.use(name)
+        assert kernels.get("cpu") is (cpu if name == "cpu" else kernels._Reference)
+        model.zero_grad()
+        tr = Trace()
+        logits = model(x, doc_ids=doc_ids, trace=tr)
+        logits.float().logsumexp(-1).mean().backward()
+        results[name] = (logits.detach(), [t.clone() for t in tr.topk],
+                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (l_ref, top_ref, g_ref), (l_cpu, top_cpu, g_cpu) = results["reference"], results["cpu"]
+    assert all(t is not None for t in top_ref)  # the sparse path ran
+    assert all(torch.equal(a, b) for a, b in zip(top_ref, top_cpu))
+    torch.testing.assert_close(l_cpu, l_ref, atol=1e-5, rtol=1e-5)
+    assert g_ref.keys() == g_cpu.keys() and len(g_ref) > 10
+    for n in g_ref:
+        torch.testing.assert_close(g_cpu[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
