@@ -17,6 +17,8 @@ import dsv32.kernels as kernels
 from conftest import make_config, scale_weights
 from dsv32 import Trace, Transformer
 from dsv32.kernels import cpu
+from dsv32.kernels.cpu import common as cpu_common
+from dsv32.kernels.cpu import indexer as cpu_indexer
 from dsv32.kernels import reference as ref
 
 
@@ -97,7 +99,7 @@ def test_indexer_topk_ties_exact():
 @pytest.mark.parametrize("hits", [2, 8])
 def test_indexer_topk_prefilter_exact(monkeypatch, hits):
     """Long rows take the sampled-threshold prefilter (forced at small k here), exactly like the reference."""
-    monkeypatch.setattr(cpu, "_SAMPLE_HITS", hits)
+    monkeypatch.setattr(cpu_indexer, "_SAMPLE_HITS", hits)
     B, T, S, H, D, topk = 2, 80, 3000, 4, 16, 64
     q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=4, scale=True)
     ks, ke = _causal(B, T, S)
@@ -108,7 +110,7 @@ def test_indexer_topk_prefilter_exact(monkeypatch, hits):
 def test_topk_block_adversarial_scores(monkeypatch):
     """_topk_block on crafted scores: a strided pattern that defeats the sample (the direct fallback),
     +0.0 / -0.0 ties, short rows, rows with nothing visible."""
-    monkeypatch.setattr(cpu, "_SAMPLE_HITS", 4)
+    monkeypatch.setattr(cpu_indexer, "_SAMPLE_HITS", 4)
     T, S, k = 8, 2048, 64
     g = _gen(5)
     s = torch.randn(T, S, generator=g)
@@ -125,7 +127,7 @@ def test_topk_block_adversarial_scores(monkeypatch):
     for rows in [list(range(T))] + [[r] for r in range(T)] + [[0, 2, 3, 4, 5, 6, 7]]:
         for prefilter in (True, False):
             out = torch.full((len(rows), k), -7, dtype=torch.long)
-            cpu._topk_block(s[rows].clone(), 0, ks[rows], ke[rows], out, S, prefilter=prefilter)
+            cpu_indexer._topk_block(s[rows].clone(), 0, ks[rows], ke[rows], out, S, prefilter=prefilter)
             assert torch.equal(out, expect[rows]), (rows, prefilter)
 
 
@@ -174,7 +176,7 @@ def _idx(B, T, S, K, seed=0, p_invalid=0.3):
 ])
 def test_sparse_mla_forward_and_grads(monkeypatch, B, T, S, H, R, P, K, block):
     if block is not None:
-        monkeypatch.setattr(cpu, "BLOCK_BYTES", block)
+        monkeypatch.setattr(cpu_common, "BLOCK_BYTES", block)
     inputs = _attn_inputs(B, T, S, H, R, P)
     idx = _idx(B, T, S, K)
     out = cpu.sparse_mla(*inputs, idx, 0.37)

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from .config import ModelConfig
 
 # -- config ---------------------------------------------------------------------------------------
 

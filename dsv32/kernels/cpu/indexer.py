@@ -1,0 +1,142 @@
+"""Indexer scores + top-k per query block (no L x L tensor); exactly the reference's sets and order in fp32."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import INVALID, _I64_MIN, _LOW32, _compute_dtype, _rows_for
+
+_KEY_TILE = 2048  # keys per scoring tile: the [rows * H, tile] logits stay in cache
+_SAMPLE_HITS = 128  # prefilter: expected top-k members in the strided sample of a row
+
+
+def _block_scores(q_THD: torch.Tensor, w_TH: torch.Tensor, k_SD: torch.Tensor, k_scale_S: torch.Tensor | None,
+                  cdt: torch.dtype) -> torch.Tensor:
+    """fp32 [T, S] index scores of a query block against a key slice, tile by tile over keys.
+
+    fp32: the same arithmetic as `reference.indexer_scores` (bit-identical). bf16: logits from the bf16
+    matmul (fp32 accumulation, rounded to bf16), ReLU, then the head-weighted sum in fp32.
+    """
+    T, H, D = q_THD.shape
+    S = k_SD.shape[0]
+    q_XD = q_THD.to(cdt).reshape(T * H, D)
+    w_T1H = w_TH.float()[:, None, :]
+    out_TS = torch.empty(T, S, dtype=torch.float32, device=q_THD.device)
+    tile = max(_KEY_TILE, (2 << 20) // (T * H * 6))  # ~2 MB of logits per tile; decode: one tile
+    for s0 in range(0, S, tile):
+        s1 = min(S, s0 + tile)
+        logits_THS = (q_XD @ k_SD[s0:s1].to(cdt).T).view(T, H, s1 - s0).relu_()
+        tile_TS = torch.bmm(w_T1H, logits_THS.float()).squeeze(1)
+        if k_scale_S is not None:
+            tile_TS = tile_TS * k_scale_S[s0:s1].float()
+        out_TS[:, s0:s1] = tile_TS
+    return out_TS
+
+
+def _orderable32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> int32 with the same order and the same ties (reference._orderable, in int32)."""
+    bits = (x + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _keys(scores: torch.Tensor, rev_pos: torch.Tensor) -> torch.Tensor:
+    """int64 sort keys of reference.select_topk: score first, then lower index. rev_pos = S - 1 - index,
+    so the index is S - 1 - (key & LOW32)."""
+    return torch.add(rev_pos, _orderable32(scores).to(torch.int64), alpha=1 << 32)
+
+
+def _direct_topk(scores_TS: torch.Tensor, rev_pos: torch.Tensor, k: int) -> torch.Tensor:
+    return _keys(scores_TS, rev_pos).topk(k, dim=-1).values
+
+
+def _topk_block(scores_TS: torch.Tensor, lo: int, ks_T: torch.Tensor, ke_T: torch.Tensor, out_TK: torch.Tensor,
+                S: int, prefilter: bool = True) -> None:
+    """`reference.select_topk` for a block whose visible keys all lie in [lo, lo + Sb); writes out_TK [T, k_out].
+
+    `scores_TS` is overwritten (-inf outside each row's [ks, ke)). Long rows are prefiltered exactly: the
+    threshold tau = j-th largest of a strided sample (every m-th key, j a bit above k/m) is checked to
+    leave >= min(k, n_valid) keys per row (rows where it does not go the direct way); every top-k key
+    scores >= tau, so the int64 (score, -index) top-k over the ~1.3 k candidates equals the full one.
+    """
+    T, Sb = scores_TS.shape
+    k_out = out_TK.shape[1]
+    dev = scores_TS.device
+    ninf = float("-inf")
+    hi = lo + Sb
+    n_valid = (ke_T - ks_T).clamp_min(0)
+    # Columns [a, c) are visible to every row; mask only the edges (for causal blocks: a T x T triangle).
+    a, c = max(lo, int(ks_T.max())), min(hi, int(ke_T.min()))
+    if a > lo:
+        scores_TS[:, : a - lo].masked_fill_(torch.arange(lo, a, device=dev) < ks_T[:, None], ninf)
+    if c < hi:
+        scores_TS[:, c - lo:].masked_fill_(torch.arange(c, hi, device=dev) >= ke_T[:, None], ninf)
+    rev_pos = torch.arange(S - 1 - lo, S - 1 - hi, -1, device=dev)
+    k = min(k_out, Sb)
+    m = max(1, k // _SAMPLE_HITS)
+    top = None
+    if prefilter and m >= 4 and Sb >= 4 * k:
+        sample = scores_TS[:, ::m]
+        e = k / m
+        j = min(sample.shape[1], int(e + 3 * math.sqrt(e)) + 8)
+        tau = sample.topk(j, dim=-1, sorted=False).values.amin(-1).clamp_min(torch.finfo(torch.float32).min)
+        r, col = (scores_TS >= tau[:, None]).nonzero(as_tuple=True)  # candidates, row-major
+        counts = torch.bincount(r, minlength=T)
+        bad = counts < n_valid.clamp(max=k)  # sample threshold too high for this row (rare): go direct
+        rows_bad = None
+        if bool(bad.any()):
+            rows_bad = bad.nonzero().squeeze(1)
+            keep = ~bad[r]
+            r, col = r[keep], col[keep]
+            counts[rows_bad] = 0
+        cmax = int(counts.max())
+        if cmax <= Sb // 2:
+            if cmax == 0:
+                top = torch.full((T, k), _I64_MIN, dtype=torch.int64, device=dev)
+            else:
+                slot = torch.arange(r.numel(), device=dev) - (counts.cumsum(0) - counts)[r]
+                buf = torch.full((T, max(cmax, k)), _I64_MIN, dtype=torch.int64, device=dev)
+                buf[r, slot] = _keys(scores_TS[r, col], rev_pos[col])
+                top = buf.topk(k, dim=-1).values
+            if rows_bad is not None:
+                top[rows_bad] = _direct_topk(scores_TS[rows_bad], rev_pos, k)
+    if top is None:
+        top = _direct_topk(scores_TS, rev_pos, k)
+    idx = (S - 1) - (top & _LOW32)
+    slot = torch.arange(k, device=dev)
+    out_TK[:, :k] = idx.masked_fill_((slot >= n_valid[:, None]) | (top == _I64_MIN), INVALID)
+
+
+@torch.no_grad()
+def indexer_topk(q_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_BSD: torch.Tensor, k_scale_BS: torch.Tensor | None,
+                 ks_BT: torch.Tensor, ke_BT: torch.Tensor, topk: int) -> torch.Tensor:
+    """Top-k key indices per query, int64 [B, T, min(topk, S)], -1 padded (== reference.select_topk of the scores).
+
+    Query blocks are sized so that a block's scores and sort keys fit BLOCK_BYTES; a block scores only
+    keys in [min ks, max ke) of its queries. Decode (T = 1) reads the slice of the key cache it needs.
+    """
+    B, T, H, D = q_BTHD.shape
+    S = k_BSD.shape[1]
+    k_out = min(topk, S)
+    out = torch.full((B, T, k_out), INVALID, dtype=torch.int64, device=q_BTHD.device)
+    if k_out == 0 or T == 0:
+        return out
+    cdt = _compute_dtype(q_BTHD, k_BSD)
+    ks_BT = ks_BT.to(torch.int64).clamp(0, S)
+    ke_BT = ke_BT.to(torch.int64).clamp(0, S)
+    # per query row: fp32 scores, masks, int64 keys (direct path); the logits are per key tile
+    tb = _rows_for(S * (4 + 1 + 8 + 8) + H * _KEY_TILE * 8, T, cap=256)
+    for b in range(B):
+        k_SD = k_BSD[b]
+        ks_b, ke_b = ks_BT[b], ke_BT[b]
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
+            ks_T, ke_T = ks_b[t0:t1], ke_b[t0:t1]
+            lo, hi = int(ks_T.min()), int(ke_T.max())
+            if hi <= lo:
+                continue
+            scores_TS = _block_scores(q_BTHD[b, t0:t1], w_BTH[b, t0:t1], k_SD[lo:hi],
+                                      None if k_scale_BS is None else k_scale_BS[b, lo:hi], cdt)
+            _topk_block(scores_TS, lo, ks_T, ke_T, out[b, t0:t1], S)
+    return out
