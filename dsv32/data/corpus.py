@@ -1,0 +1,180 @@
+"""Documents to train and evaluate on, and packing them into fixed-length rows.
+
+Natural text: standard-library docstrings, one document each (no download). Synthetic long-range
+documents (passkey, key-value recall, multi-hop references): retrieval accuracy over long contexts is
+what separates a working sparse indexer from a broken one while LM loss barely moves
+(research/dsa-anchors.md §7.5 and the RULER multikey regressions of §1.4). Every synthetic generator
+takes a `random.Random` and returns a `Document` whose `answers` are character spans `[start, end)` of
+`text`; the synthetic texts are ASCII, so character offsets equal byte (= ByteTokenizer token) offsets.
+
+Legend: N rows, L = seq_len + 1 tokens per row (inputs and shifted targets come from the same row).
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .tokenizer import EOS_ID, PAD_ID
+
+DOC_MODULES = ("os", "json", "collections", "functools", "itertools", "pathlib", "re", "random", "string",
+               "textwrap", "argparse", "dataclasses", "subprocess", "threading", "math", "statistics",
+               "enum", "heapq", "bisect", "datetime", "csv", "logging", "shutil", "inspect")
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+          "A river runs through the valley. The wind moves the leaves. Nothing happens for a while. ")
+
+
+@dataclass
+class Document:
+    text: str
+    answers: list[tuple[int, int]] = field(default_factory=list)  # [start, end) character spans of the answers
+    kind: str = "natural"
+
+    def answer_texts(self) -> list[str]:
+        return [self.text[a:b] for a, b in self.answers]
+
+
+def natural_documents(modules=DOC_MODULES, min_chars: int = 40) -> list[str]:
+    """Docstrings of the modules and their public members, one document each, in a fixed order."""
+    docs, seen = [], set()
+    for name in modules:
+        mod = importlib.import_module(name)
+        for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and len(doc.strip()) >= min_chars and doc.strip() not in seen:
+                seen.add(doc.strip())
+                docs.append(doc.strip())
+    return docs
+
+
+def filler(rng: random.Random, n: int) -> str:
+    """n characters of bland text starting at a random sentence offset."""
+    if n <= 0:
+        return ""
+    start = rng.randrange(len(FILLER))
+    reps = (start + n) // len(FILLER) + 1
+    return (FILLER * reps)[start:start + n]
+
+
+def _names(rng: random.Random, n: int, k: int = 6) -> list[str]:
+    """n distinct random lowercase names of k letters."""
+    out: dict[str, None] = {}
+    while len(out) < n:
+        out["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(k))] = None
+    return list(out)
+
+
+def _too_short(fn: str, length: int, need: int):
+    raise ValueError(f"corpus.py {fn}: length={length} is too short for the needle and question "
+                     f"({need} characters); pass length >= {need}")
+
+
+def passkey_document(rng: random.Random, length: int) -> Document:
+    """A 5-digit pass key hidden at a random depth in `length` characters of filler; question and answer last."""
+    key = str(rng.randrange(10000, 100000))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is "
+    body = length - len(needle) - len(question) - len(key) - 1
+    if body < 0:
+        _too_short("passkey_document", length, length - body)
+    depth = rng.randrange(body + 1)
+    text = filler(rng, depth) + needle + filler(rng, body - depth) + question
+    return Document(text + key + ".", [(len(text), len(text) + len(key))], "passkey")
+
+
+def kv_recall_document(rng: random.Random, length: int, n_pairs: int, n_queries: int = 4) -> Document:
+    """`n_pairs` "key: value" lines spread through filler, then queries for the values of earlier keys."""
+    if n_pairs < 1 or n_queries < 1:
+        raise ValueError(f"corpus.py kv_recall_document: n_pairs={n_pairs}, n_queries={n_queries}; both must be >= 1")
+    keys = _names(rng, n_pairs)
+    values = [str(rng.randrange(100000, 1000000)) for _ in keys]
+    asked = [rng.randrange(n_pairs) for _ in range(n_queries)]
+    lines = [f"\n{k}: {v}\n" for k, v in zip(keys, values)]
+    queries = [(f"\nWhat is the value of {keys[i]}? ", values[i]) for i in asked]
+    fixed = sum(map(len, lines)) + sum(len(q) + len(v) + 1 for q, v in queries) + 1
+    body = length - fixed
+    if body < 0:
+        _too_short("kv_recall_document", length, fixed)
+    # Split the filler into n_pairs + 1 random gaps so the pairs sit at spread-out depths.
+    cuts = sorted(rng.randrange(body + 1) for _ in range(n_pairs))
+    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
+    text = filler(rng, gaps[0])
+    for line, gap in zip(lines, gaps[1:]):
+        text += line + filler(rng, gap)
+    text += "\n"
+    answers = []
+    for q, v in queries:
+        text += q
+        answers.append((len(text), len(text) + len(v)))
+        text += v + "."
+    return Document(text, answers, "kv_recall")
+
+
+def multihop_document(rng: random.Random, length: int, hops: int = 3, n_distractors: int = 2) -> Document:
+    """A chain "a refers to b", "b refers to c", ... scattered in shuffled order among distractor chains;
+    the question names the chain's start and the answer is its end (`hops` references to follow)."""
+    if hops < 1:
+        raise ValueError(f"corpus.py multihop_document: hops={hops}; pass hops >= 1")
+    names = _names(rng, (hops + 1) * (1 + n_distractors))
+    chains = [names[i:i + hops + 1] for i in range(0, len(names), hops + 1)]
+    facts = [f" Note: {c[j]} refers to {c[j + 1]}. " for c in chains for j in range(hops)]
+    rng.shuffle(facts)
+    target = chains[0]
+    question = f" Start at {target[0]} and follow the references. The chain ends at "
+    fixed = sum(map(len, facts)) + len(question) + len(target[-1]) + 1
+    body = length - fixed
+    if body < 0:
+        _too_short("multihop_document", length, fixed)
+    cuts = sorted(rng.randrange(body + 1) for _ in facts)
+    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
+    text = filler(rng, gaps[0])
+    for fact, gap in zip(facts, gaps[1:]):
+        text += fact + filler(rng, gap)
+    text += question
+    return Document(text + target[-1] + ".", [(len(text), len(text) + len(target[-1]))], "multihop")
+
+
+def synthetic_documents(seed: int, n: int, length: int, n_pairs: int = 8) -> list[Document]:
+    """n long-range documents, cycling passkey / kv-recall / multihop, reproducible from `seed`."""
+    rng = random.Random(seed)
+    makers = (lambda: passkey_document(rng, length), lambda: kv_recall_document(rng, length, n_pairs),
+              lambda: multihop_document(rng, length))
+    return [makers[i % 3]() for i in range(n)]
+
+
+def pack(docs_token_lists: list[list[int]], seq_len: int, rng: random.Random | None = None, *,
+         eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate documents (each followed by eos, in an order shuffled by `rng`; None keeps it) and cut
+    the stream into rows of L = seq_len + 1 tokens; the last row is padded with `pad_id`.
+
+    Returns input_ids_NL and doc_ids_NL: the segment of every token, counting 0, 1, ... within each row
+    (a document cut by a row boundary continues as segment 0 of the next row); padding is -1. Pass
+    doc_ids to the model so attention and the indexer stay inside each document.
+    """
+    if seq_len < 1:
+        raise ValueError(f"corpus.py pack: seq_len={seq_len}; pass seq_len >= 1")
+    order = list(range(len(docs_token_lists)))
+    if rng is not None:
+        rng.shuffle(order)
+    tokens, owner = [], []
+    for i in order:
+        doc = list(docs_token_lists[i]) + [eos_id]
+        tokens.extend(doc)
+        owner.extend([i] * len(doc))
+    if not tokens:
+        raise ValueError("corpus.py pack: no documents to pack; pass at least one non-empty token list")
+    L = seq_len + 1
+    n = -(-len(tokens) // L)
+    pad = n * L - len(tokens)
+    ids_NL = torch.tensor(tokens + [pad_id] * pad, dtype=torch.long).view(n, L)
+    owner_NL = torch.tensor(owner + [-1] * pad, dtype=torch.long).view(n, L)
+    # A new segment wherever the owning document changes; the row's first token starts segment 0.
+    new_NL = torch.ones_like(owner_NL)
+    new_NL[:, 1:] = (owner_NL[:, 1:] != owner_NL[:, :-1]).long()
+    new_NL[:, 0] = 0
+    doc_ids_NL = new_NL.cumsum(dim=1).masked_fill(owner_NL < 0, -1)
+    return ids_NL, doc_ids_NL

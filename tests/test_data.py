@@ -1,0 +1,174 @@
+"""dsv32.data: tokenizer round trips, corpus determinism and answer spans, packing, loaders, resume."""
+
+import random
+
+import pytest
+import torch
+
+from dsv32.data import (SPECIALS, ByteTokenizer, PackedDataset, kv_recall_document, multihop_document,
+                        natural_documents, pack, passkey_document, read_jsonl, read_parquet, read_text_files,
+                        synthetic_documents)
+
+TOK = ByteTokenizer()
+
+
+def test_tokenizer_round_trip_specials_and_unicode():
+    assert TOK.vocab_size == 256 + len(SPECIALS) <= 512
+    text = "<｜User｜>héllo 世界 🙂<｜Assistant｜><think>x</think>done<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f" \
+           "<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜><pad>"
+    ids = TOK.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == TOK.bos_id and ids[-1] == TOK.eos_id and max(ids) < TOK.vocab_size
+    assert ids[1] == TOK.token_id("<｜User｜>") and ids[-2] == TOK.pad_id
+    assert TOK.decode(ids) == SPECIALS[0] + text + SPECIALS[1]
+    assert TOK.decode(ids, skip_special=True) == "héllo 世界 🙂xdonef{}"
+    assert len(set(TOK.special_to_id.values())) == len(SPECIALS)
+    # Longest match: the tool_calls strings are not split into tool_call + leftovers.
+    assert TOK.encode("<｜tool▁outputs▁begin｜>") == [TOK.token_id("<｜tool▁outputs▁begin｜>")]
+    assert TOK.encode("<think") == list(b"<think")  # an unfinished special is plain bytes
+    assert TOK.decode([0xE4, 0xB8]) == "\ufffd"  # a cut multi-byte character
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        TOK.decode([TOK.vocab_size])
+
+
+@pytest.mark.parametrize("make", [lambda r: passkey_document(r, 2000), lambda r: kv_recall_document(r, 3000, 12),
+                                  lambda r: multihop_document(r, 2000, hops=4)])
+def test_synthetic_documents_deterministic_with_answers_at_spans(make):
+    a, b, c = make(random.Random(7)), make(random.Random(7)), make(random.Random(8))
+    assert a == b and a.text != c.text
+    assert abs(len(a.text) - (2000 if a.kind != "kv_recall" else 3000)) <= 1 and a.text.isascii()
+    assert a.answers and all(0 < s < e <= len(a.text) for s, e in a.answers)
+    for s, e in a.answers:
+        ans = a.text[s:e]
+        assert ans.strip() == ans and ans, ans
+        assert a.text[s - 1] == " " and a.text[e] == "."  # the span is the whole answer, nothing more
+    if a.kind == "passkey":
+        assert a.text.index(a.answer_texts()[0]) < a.answers[0][0]  # the key appeared earlier (the needle)
+    if a.kind == "kv_recall":
+        for (s, _), v in zip(a.answers, a.answer_texts()):
+            key = a.text[:s].rsplit("value of ", 1)[1].split("?")[0]
+            assert f"\n{key}: {v}\n" in a.text[:s]
+    if a.kind == "multihop":
+        start = a.text.split("Start at ")[1].split(" ")[0]
+        node = start
+        for _ in range(4):
+            node = a.text.split(f"Note: {node} refers to ")[1].split(".")[0]
+        assert node == a.answer_texts()[0] and f"Note: {node} refers to" not in a.text
+
+
+def test_passkey_depths_vary_and_short_length_is_an_error():
+    depths = {passkey_document(random.Random(s), 1000).text.index("pass key is") for s in range(10)}
+    assert len(depths) > 5
+    with pytest.raises(ValueError, match="length >= "):
+        passkey_document(random.Random(0), 20)
+    assert [d.kind for d in synthetic_documents(0, 4, 800)] == ["passkey", "kv_recall", "multihop", "passkey"]
+
+
+def test_natural_documents_are_separate_and_stable():
+    docs = natural_documents()
+    assert len(docs) > 100 and docs == natural_documents() and len(set(docs)) == len(docs)
+
+
+def test_pack_rows_doc_ids_and_labels():
+    rng = random.Random(0)
+    docs = [[rng.randrange(256) for _ in range(rng.randrange(1, 40))] for _ in range(30)]
+    seq_len = 16
+    ids, doc_ids = pack(docs, seq_len, random.Random(1))
+    total = sum(len(d) + 1 for d in docs)
+    assert ids.shape == doc_ids.shape == (-(-total // (seq_len + 1)), seq_len + 1)
+    flat, flat_docs = ids.flatten().tolist(), doc_ids.flatten()
+    assert flat.count(TOK.eos_id) == len(docs) and flat[total:] == [TOK.pad_id] * (len(flat) - total)
+    assert (flat_docs[total:] == -1).all() and (flat_docs[:total] >= 0).all()
+    # Rebuild document starts from the stream: position 0 and every position after an eos.
+    starts = {0} | {i + 1 for i, t in enumerate(flat[:total - 1]) if t == TOK.eos_id}
+    L = seq_len + 1
+    for i in range(1, total):
+        if i % L == 0:
+            assert flat_docs[i] == 0  # segments restart per row
+        else:
+            assert (flat_docs[i] != flat_docs[i - 1]) == (i in starts), i
+    # Every document comes out whole; rng shuffles the order, None keeps it.
+    assert sorted(map(tuple, docs)) == sorted(tuple(flat[s:flat.index(TOK.eos_id, s)]) for s in starts)
+    order_none, _ = pack(docs, seq_len, None)
+    assert order_none.flatten().tolist()[:len(docs[0])] == docs[0] and not torch.equal(order_none, ids)
+
+    batch = PackedDataset.make_batch(ids, doc_ids)
+    x, y, d = batch["input_ids"], batch["labels"], batch["doc_ids"]
+    assert x.shape == y.shape == d.shape == (ids.shape[0], seq_len)
+    keep = y != -100
+    assert torch.equal(y[keep], ids[:, 1:][keep])
+    # Masked exactly where the target starts another document or is padding.
+    expect_masked = (doc_ids[:, 1:] != doc_ids[:, :-1]) | (doc_ids[:, 1:] == -1)
+    assert torch.equal(~keep, expect_masked) and expect_masked.any()
+    # The eos closing a document is a target of that document; the token after an eos never is.
+    assert (keep & (y == TOK.eos_id)).sum() >= len(docs) - ids.shape[0]
+    assert not keep[x == TOK.eos_id].any()
+
+
+def test_packed_rows_keep_attention_inside_documents():
+    from dsv32 import Transformer, presets
+    torch.manual_seed(0)
+    model = Transformer(presets.tiny()).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    ids, docs = pack([a, b], 8, None)
+    with torch.no_grad():
+        packed = model(ids[:, :-1], doc_ids=docs[:, :-1])
+        alone = model(torch.tensor([b + [TOK.eos_id]]))
+    # b starts after a + eos (6 tokens); its logits must not depend on a.
+    assert torch.allclose(packed[0, 6:8], alone[0, :2], atol=1e-4)
+
+
+def test_read_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "corpus.jsonl"
+    p.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:4: invalid JSON"):
+        read_jsonl(p)
+    p.write_text('{"text": "one"}\n{"body": "two"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: no field 'text'"):
+        read_jsonl(p)
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: no field 'body'"):
+        read_jsonl(p, field="body")
+    p.write_text('{"text": "one"}\n{"text": "twö"}\n', encoding="utf-8")
+    assert read_jsonl(p) == ["one", "twö"]
+    f = tmp_path / "a.txt"
+    f.write_text("hello", encoding="utf-8")
+    assert read_text_files([f]) == ["hello"]
+    with pytest.raises(ValueError, match="missing.txt"):
+        read_text_files([tmp_path / "missing.txt"])
+
+
+def test_read_parquet_or_clear_error(tmp_path):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        with pytest.raises(ValueError, match="pyarrow is not installed"):
+            read_parquet(tmp_path / "x.parquet")
+        return
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "x.parquet")
+    assert read_parquet(tmp_path / "x.parquet") == ["a", "b"]
+
+
+def test_dataset_resumes_at_the_exact_next_batch():
+    texts = [d.text for d in synthetic_documents(0, 12, 600)] + natural_documents()[:20]
+    make = lambda: PackedDataset.from_texts(texts, TOK, seq_len=64, seed=3)
+    ds = make()
+    B = 4
+    it = ds.batches(B)
+    first = [next(it) for _ in range(5)]
+    state = ds.state_dict()
+    after = [next(it) for _ in range(3)]
+    fresh = make()
+    fresh.load_state_dict(state)
+    resumed = [b for _, b in zip(range(3), fresh.batches(B))]
+    for u, v in zip(after, resumed):
+        assert all(torch.equal(u[k], v[k]) for k in ("input_ids", "labels", "doc_ids"))
+    assert not torch.equal(first[-1]["input_ids"], after[0]["input_ids"])
+    # One epoch visits every row once; the next epoch is another order.
+    ds2 = make()
+    epoch0 = torch.cat([b["input_ids"] for b in ds2.batches(1, epochs=1)])
+    assert epoch0.shape[0] == len(ds2) and ds2.state_dict()["epoch"] == 1
+    epoch1 = torch.cat([b["input_ids"] for b in ds2.batches(1, epochs=2)])
+    assert not torch.equal(epoch0, epoch1)
+    assert sorted(map(tuple, epoch0.tolist())) == sorted(map(tuple, epoch1.tolist()))
+    with pytest.raises(ValueError, match="saved for"):
+        PackedDataset(ds.input_ids_NL[:2], ds.doc_ids_NL[:2]).load_state_dict(state)
