@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import cpu as kl_ops  # the indexer-KL ops: chunked plain PyTorch, any device
 from ..kernels import reference as ref
 from . import rope
 from .cache import LayerCache
@@ -75,7 +76,8 @@ class MLA(nn.Module):
             self.softmax_scale *= rope.yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
 
     def forward(self, x_BTd: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None,
-                topk_out: list | None = None) -> torch.Tensor:
+                topk_out: list | None = None, kl_out: list | None = None) -> torch.Tensor:
+        """`topk_out` receives this layer's top-k [B, T, K] (None when dense); `kl_out` its indexer KL."""
         B, T, _ = x_BTd.shape
         H = self.n_heads
         qr_BTq = self.q_norm(self.wq_a(x_BTd))
@@ -85,27 +87,57 @@ class MLA(nn.Module):
         kv_BTR, pe_BTP = self.wkv_a(x_BTd).split([self.kv_rank, self.rope_dim], dim=-1)
         kv_BTR = self.kv_norm(kv_BTR)
         pe_BTP = rope.apply_interleaved(pe_BTP, ctx.cos, ctx.sin)
+        # The indexer reads detached inputs: it learns only from its KL, and the LM loss never reaches
+        # it (V3.2 §2.1.1 "we detach the indexer input from the computational graph").
+        x_ix, qr_ix = x_BTd.detach(), qr_BTq.detach()
         ik_BTD = ik_scale_BT = None
-        if ctx.sparse or cache is not None:  # index keys are cached even in dense mode, for later sparse steps
-            ik_BTD, ik_scale_BT = self.indexer.keys(x_BTd, ctx.cos, ctx.sin)
+        if ctx.sparse or cache is not None or kl_out is not None:  # cached even in dense mode
+            ik_BTD, ik_scale_BT = self.indexer.keys(x_ix, ctx.cos, ctx.sin)
 
         if cache is not None:
             kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = cache.write(ctx.start, kv_BTR, pe_BTP, ik_BTD, ik_scale_BT)
         else:
             kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = kv_BTR, pe_BTP, ik_BTD, ik_scale_BT
 
+        idx_BTK = None
         if ctx.sparse and ctx.max_visible > self.topk:
-            idx_BTK, o_BTHV = self._sparse(x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx)
-            if topk_out is not None:
-                topk_out.append(idx_BTK)
+            ops = kernels.get(x_BTd.device.type)
+            iq_BTHD, iw_BTH = self.indexer.queries(x_ix, qr_ix, ctx.cos, ctx.sin)
+            with torch.no_grad():
+                idx_BTK = ops.indexer_topk(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke, self.topk)
+            q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+            o_BTHV = self._absorb_out(ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale))
+        elif ctx.start == 0:
+            o_BTHV = self._mha(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
         else:
-            if topk_out is not None:
-                topk_out.append(None)
-            if ctx.start == 0:
-                o_BTHV = self._mha(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
-            else:
-                o_BTHV = self._absorbed_dense(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
+            o_BTHV = self._absorbed_dense(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
+        if topk_out is not None:
+            topk_out.append(idx_BTK)
+        if kl_out is not None:
+            if cache is not None:
+                raise ValueError("the indexer KL is a training loss: call the model without a cache")
+            kl_out.append(self._indexer_kl(x_ix, qr_ix, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS,
+                                           idx_BTK, ctx))
         return self.wo(o_BTHV.reshape(B, T, H * self.v_dim))
+
+    def _indexer_kl(self, x_ix, qr_ix, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, idx_BTK, ctx):
+        """The indexer's training loss (dsa-anchors.md §1.9), with every main-model input detached.
+
+        Dense attention (stage 1): mean_t KL(p_t || softmax_{V_t}(I_t)), p_t the head-summed, L1-normalised
+        dense attention over the visible keys, computed in blocks with an online log-sum-exp.
+        Sparse attention (stage 2): the same over S_t, p-hat_t from the sparse attention's per-head
+        probabilities on S_t, O(T*K*H).
+        """
+        iq_BTHD, iw_BTH = self.indexer.queries(x_ix, qr_ix, ctx.cos, ctx.sin)
+        with torch.no_grad():
+            q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+        q_pe_BTHP, kv_BSR, pe_BSP = q_pe_BTHP.detach(), kv_BSR.detach(), pe_BSP.detach()
+        if idx_BTK is None:
+            return kl_ops.dense_attn_target_kl(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, self.softmax_scale,
+                                               iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke)
+        p_BTK = kl_ops.sparse_attn_target(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale)
+        scores_BTK = kl_ops.indexer_scores_gathered(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, idx_BTK)
+        return kl_ops.indexer_kl_sparse(scores_BTK, p_BTK, idx_BTK)
 
     # -- the three paths ---------------------------------------------------------------------
 
@@ -138,13 +170,6 @@ class MLA(nn.Module):
         p_BTHS = torch.softmax(s_BTHS.masked_fill(~visible_BT1S, float("-inf")), dim=-1).to(kv_BSR.dtype)
         o_lat_BTHR = (p_BTHS.view(B, T * H, S) @ kv_BSR).view(B, T, H, self.kv_rank)
         return self._absorb_out(o_lat_BTHR)
-
-    def _sparse(self, x_BTd, qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, ctx):
-        ops = kernels.get(x_BTd.device.type)
-        iq_BTHD, iw_BTH = self.indexer.queries(x_BTd, qr_BTq, ctx.cos, ctx.sin)
-        idx_BTK = ops.indexer_topk(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke, self.topk)
-        o_lat_BTHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN), q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale)
-        return idx_BTK, self._absorb_out(o_lat_BTHR)
 
     # -- weight absorption (DeepSeek-V2 §2.1.2) ----------------------------------------------
 

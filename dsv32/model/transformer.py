@@ -29,10 +29,13 @@ class Trace:
 
     routes: expert ids [B, T, k] (None for dense-MLP layers); replay them with `model(..., routes=...)`.
     topk:   selected key positions [B, T, K], -1 padded (None where attention ran dense).
+    indexer_kl: if a list, each layer appends its indexer KL (scalar; gradients reach only the indexer):
+            against the dense attention in dense mode (stage 1), over the top-k set in sparse mode (stage 2).
     """
 
     routes: list = field(default_factory=list)
     topk: list = field(default_factory=list)
+    indexer_kl: list | None = None  # pass [] to collect each layer's indexer KL (the DSA training loss)
 
 
 class Block(nn.Module):
@@ -44,7 +47,8 @@ class Block(nn.Module):
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.moe.n_dense_layers else MoE(cfg.dim, cfg.moe)
 
     def forward(self, x, ctx, cache=None, route=None, trace: Trace | None = None):
-        x = x + self.attn(self.attn_norm(x), ctx, cache, None if trace is None else trace.topk)
+        x = x + self.attn(self.attn_norm(x), ctx, cache, None if trace is None else trace.topk,
+                          None if trace is None else trace.indexer_kl)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             out, route = self.ffn(h, route)
