@@ -80,13 +80,7 @@ class MLA(nn.Module):
         """`topk_out` receives this layer's top-k [B, T, K] (None when dense); `kl_out` its indexer KL."""
         B, T, _ = x_BTd.shape
         H = self.n_heads
-        qr_BTq = self.q_norm(self.wq_a(x_BTd))
-        q_BTHD = self.wq_b(qr_BTq).view(B, T, H, self.nope + self.rope_dim)
-        q_nope_BTHN, q_pe_BTHP = q_BTHD.split([self.nope, self.rope_dim], dim=-1)
-        q_pe_BTHP = rope.apply_interleaved(q_pe_BTHP, ctx.cos, ctx.sin)
-        kv_BTR, pe_BTP = self.wkv_a(x_BTd).split([self.kv_rank, self.rope_dim], dim=-1)
-        kv_BTR = self.kv_norm(kv_BTR)
-        pe_BTP = rope.apply_interleaved(pe_BTP, ctx.cos, ctx.sin)
+        qr_BTq, q_nope_BTHN, q_pe_BTHP, kv_BTR, pe_BTP = self.project(x_BTd, ctx)
         # The indexer reads detached inputs: it learns only from its KL, and the LM loss never reaches
         # it (V3.2 §2.1.1 "we detach the indexer input from the computational graph").
         x_ix, qr_ix = x_BTd.detach(), qr_BTq.detach()
@@ -119,6 +113,17 @@ class MLA(nn.Module):
             kl_out.append(self._indexer_kl(x_ix, qr_ix, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS,
                                            idx_BTK, ctx))
         return self.wo(o_BTHV.reshape(B, T, H * self.v_dim))
+
+    def project(self, x_BTd: torch.Tensor, ctx: AttnContext):
+        """MLA's projections: q latent qr [B, T, q_lora], q_nope [B, T, H, N], roped q_pe [B, T, H, P],
+        normed kv latent [B, T, R] and roped shared key pe [B, T, P] (interleaved RoPE on the last dims)."""
+        B, T, _ = x_BTd.shape
+        qr_BTq = self.q_norm(self.wq_a(x_BTd))
+        q_BTHD = self.wq_b(qr_BTq).view(B, T, self.n_heads, self.nope + self.rope_dim)
+        q_nope_BTHN, q_pe_BTHP = q_BTHD.split([self.nope, self.rope_dim], dim=-1)
+        q_pe_BTHP = rope.apply_interleaved(q_pe_BTHP, ctx.cos, ctx.sin)
+        kv_BTR, pe_BTP = self.wkv_a(x_BTd).split([self.kv_rank, self.rope_dim], dim=-1)
+        return qr_BTq, q_nope_BTHN, q_pe_BTHP, self.kv_norm(kv_BTR), rope.apply_interleaved(pe_BTP, ctx.cos, ctx.sin)
 
     def _indexer_kl(self, x_ix, qr_ix, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, idx_BTK, ctx):
         """The indexer's training loss (dsa-anchors.md §1.9), with every main-model input detached.
