@@ -4,6 +4,11 @@
     dsv32 presets              the model presets and their sizes
     dsv32 info DIR             what a Hugging Face DeepSeek-V3.2 checkpoint directory holds
     dsv32 bench attention      DSA against dense MLA and transformers, one layer (what `make bench` runs)
+    dsv32 pretrain             dense pre-training (LM loss; the indexer is excluded)
+    dsv32 dsa-warmup           DSA stage 1: dense attention, only the indexer trains on its KL
+    dsv32 dsa-sparse           DSA stage 2: top-k attention, LM loss + indexer KL, clipped apart
+                               (each: --preset tiny --init-from DIR --out DIR --steps N --lr X --batch-size B
+                                --seq-len T --seed S --model.indexer.topk=32 ...; writes OUT/final/)
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="show the dsv32 config of a Hugging Face checkpoint directory")
     info.add_argument("path")
     sub.add_parser("bench", help="benchmarks: `dsv32 bench attention` (DSA against dense attention)", add_help=False)
+    for name, help_ in (("pretrain", "dense pre-training (LM loss, indexer excluded)"),
+                        ("dsa-warmup", "DSA stage 1: dense attention, only the indexer trains"),
+                        ("dsa-sparse", "DSA stage 2: sparse attention, LM loss + indexer KL")):
+        sub.add_parser(name, help=help_, add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "demo":
@@ -61,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import bench
 
             return bench.main(rest)
+        if args.command in ("pretrain", "dsa-warmup", "dsa-sparse"):
+            from .train import stages
+
+            return stages.main(args.command, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         {"presets": _presets, "info": _info}[args.command](args)
