@@ -1,0 +1,243 @@
+"""The three training stages of DSA (dsa-anchors.md §2.1, small-scale defaults §7.2), each only what differs
+from the generic loop (`loop.train`): attention mode, parameter groups, loss.
+
+    pretrain     dense attention, LM loss, every parameter except the indexer (it gets no gradient densely)
+    dsa-warmup   stage 1: dense attention, ONLY the indexer trains (lr 1e-3), loss = mean over layers of the
+                 indexer KL against dense attention (Eq. 3); the LM head is skipped (`model.hidden`)
+    dsa-sparse   stage 2: top-k attention, groups 'main' and 'indexer' clipped apart, loss = LM loss + mean
+                 indexer KL over the top-k set (Eq. 4); the model detaches the indexer inputs, so the two
+                 gradients are disjoint and the sum trains each part on its own loss only
+
+    from dsv32.train import stages
+    summary = stages.run("dsa-warmup", model, stages.Stream(dataset, batch_size), cfg)
+
+`dsv32 pretrain | dsa-warmup | dsa-sparse` (see `main`) builds the model (preset or `--init-from`), the data
+(packed natural + synthetic documents, byte tokens), runs the stage and writes `<out>/final/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..model import Trace
+from . import checkpoint
+from .loop import lm_loss, train
+from .metrics import Metrics
+from .optim import ParamGroup, TrainConfig
+
+
+def is_indexer(name: str) -> bool:
+    return ".indexer." in name
+
+
+def _mean_kl(trace: Trace) -> torch.Tensor:
+    if not trace.indexer_kl:
+        raise ValueError("the model produced no indexer KL; every layer must have a lightning indexer")
+    return torch.stack(trace.indexer_kl).mean()
+
+
+def indexer_kl_loss(model, batch: dict):
+    """Stage 1: mean over layers of the indexer KL against dense attention; no LM head."""
+    trace = Trace(indexer_kl=[])
+    model.hidden(batch["input_ids"], doc_ids=batch.get("doc_ids"), trace=trace)
+    kl = _mean_kl(trace)
+    return kl, {"indexer_kl": kl.item()}
+
+
+def sparse_loss(model, batch: dict):
+    """Stage 2: LM loss + mean indexer KL over the top-k set (their gradients are disjoint)."""
+    trace = Trace(indexer_kl=[])
+    logits_BTV = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), trace=trace)
+    lm = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+    kl = _mean_kl(trace)
+    return lm + kl, {"lm_loss": lm.item(), "indexer_kl": kl.item()}
+
+
+@dataclass
+class Stage:
+    name: str
+    attn_mode: str
+    groups: Callable[[], list[ParamGroup]]
+    loss_fn: Callable | None
+    lr: float           # default learning rate
+    help: str
+
+
+STAGES = {
+    "pretrain": Stage("pretrain", "dense", lambda: [ParamGroup("main", lambda n: not is_indexer(n))], lm_loss, 3e-3,
+                      "dense pre-training: LM loss, every parameter except the indexer"),
+    "dsa-warmup": Stage("dsa-warmup", "dense", lambda: [ParamGroup("indexer", is_indexer)], indexer_kl_loss, 1e-3,
+                        "DSA stage 1: dense attention, only the indexer trains on its KL to dense attention"),
+    "dsa-sparse": Stage("dsa-sparse", "sparse",
+                        lambda: [ParamGroup("main", lambda n: not is_indexer(n)), ParamGroup("indexer", is_indexer)],
+                        sparse_loss, 3e-4,
+                        "DSA stage 2: top-k attention, main model on LM loss, indexer on its top-k KL"),
+}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def run(stage: str | Stage, model, batches, cfg: TrainConfig, metrics: Metrics | None = None, resume: bool = True,
+        on_step=None) -> dict:
+    """Set the stage's attention mode and run the generic loop with its groups and loss."""
+    st = get_stage(stage) if isinstance(stage, str) else stage
+    model.set_attn_mode(st.attn_mode)
+    return train(model, batches, cfg, loss_fn=st.loss_fn, groups=st.groups(), metrics=metrics, resume=resume,
+                 on_step=on_step)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+class Stream:
+    """`PackedDataset.batches` as the resumable iterator the loop wants (__next__, state_dict, load_state_dict)."""
+
+    def __init__(self, dataset, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self.dataset.batches(self.batch_size)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._it = None  # restart from the restored (epoch, cursor)
+
+
+def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
+                  max_natural: int | None = None):
+    """Packed rows of natural documents (stdlib docstrings) mixed with synthetic long-range documents."""
+    from ..data import ByteTokenizer, PackedDataset, natural_documents, synthetic_documents
+
+    texts = natural_documents()
+    if max_natural is not None:
+        texts = texts[:max_natural]
+    length = synthetic_length or max(512, 2 * seq_len)
+    texts = texts + [d.text for d in synthetic_documents(seed, n_synthetic, length)] if n_synthetic else texts
+    return PackedDataset.from_texts(texts, ByteTokenizer(), seq_len, seed)
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+
+def resolve_init(path) -> Path:
+    """A Hugging Face directory (config.json) as is; a run directory: its newest checkpoint."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    found = checkpoint.list_checkpoints(path)
+    if found and (found[-1] / "config.json").is_file():
+        return found[-1]
+    raise ValueError(f"--init-from {path}: neither a Hugging Face checkpoint directory (config.json) nor a run "
+                     "directory with step_* checkpoints")
+
+
+def build_model(preset: str = "tiny", init_from=None, overrides: dict | None = None):
+    from .. import presets
+    from ..model import Transformer
+
+    overrides = overrides or {}
+    if init_from is not None:
+        return Transformer.from_pretrained(resolve_init(init_from), dtype=torch.float32, **overrides)
+    cfg = presets.get(preset)
+    return Transformer(cfg.replace(**overrides) if overrides else cfg)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def parse_overrides(rest: list[str]) -> dict:
+    """`--model.indexer.topk=32` or `--model.indexer.topk 32` -> {"indexer.topk": 32}."""
+    out, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--model."):
+            raise ValueError(f"unrecognized argument {arg!r}; model overrides look like --model.indexer.topk=32")
+        key, eq, val = arg[len("--model."):].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ValueError(f"{arg} needs a value, e.g. {arg}=32")
+            val, i = rest[i + 1], i + 1
+        if not key:
+            raise ValueError(f"{arg}: empty model field name")
+        out[key] = _value(val)
+        i += 1
+    return out
+
+
+def make_parser(stage: Stage) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"dsv32 {stage.name}", description=stage.help,
+                                epilog="Model overrides: --model.FIELD=VALUE, e.g. --model.indexer.topk=32")
+    p.add_argument("--preset", default="tiny", help="model preset when not --init-from (default tiny)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="a save_pretrained directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--out", default=f"runs/{stage.name}", metavar="DIR", help="run directory")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=stage.lr)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--synthetic-docs", type=int, default=64, help="synthetic long-range documents in the mix")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    return p
+
+
+def main(stage_name: str, argv: list[str]) -> int:
+    """Run one stage from the command line; a user mistake raises ValueError (the CLI prints it, exit 2)."""
+    stage = get_stage(stage_name)
+    parser = make_parser(stage)
+    args, rest = parser.parse_known_args(argv)  # a bad typed value exits 2 via argparse with its own message
+    overrides = parse_overrides(rest)
+    from .. import presets
+
+    if args.init_from is None:
+        presets.get(args.preset)  # unknown preset -> ValueError naming it
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(args.preset, args.init_from, overrides)
+    if args.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    dataset = build_dataset(args.seq_len, args.seed, n_synthetic=args.synthetic_docs)
+    if model.cfg.vocab_size < 272:
+        raise ValueError(f"the byte tokenizer needs vocab_size >= 272; the model has {model.cfg.vocab_size}")
+    cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                      warmup_steps=min(args.warmup_steps, args.steps), log_every=args.log_every,
+                      ckpt_every=args.ckpt_every, out_dir=args.out)
+    if args.batch_size > len(dataset):
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset)} packed rows")
+    summary = run(stage, model, Stream(dataset, args.batch_size), cfg, resume=not args.no_resume)
+    final = Path(args.out) / "final"
+    model.save_pretrained(final)
+    print(f"{stage.name}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {final}",
+          flush=True)
+    return 0
