@@ -9,6 +9,8 @@
     dsv32 dsa-sparse           DSA stage 2: top-k attention, LM loss + indexer KL, clipped apart
                                (each: --preset tiny --init-from DIR --out DIR --steps N --lr X --batch-size B
                                 --seq-len T --seed S --model.indexer.topk=32 ...; writes OUT/final/)
+    dsv32 eval long-context    retrieval accuracy (passkey, kv-recall) by length, dense vs sparse attention
+                               (--model DIR --lengths 512,1024 [--n 8] [--out FILE.json])
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ def _info(args) -> None:
     print(json.dumps(cfg.to_dict(), indent=2))
 
 
+def _eval(rest: list[str]) -> int:
+    suites = ("long-context",)
+    if not rest or rest[0] not in suites:
+        raise ValueError(f"eval: name a suite ({', '.join(suites)}), e.g. "
+                         "`dsv32 eval long-context --model DIR --lengths 512,1024`")
+    from .eval import long_context
+
+    return long_context.main(rest[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 training system (DSA, GRPO, distillation)")
@@ -59,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("dsa-warmup", "DSA stage 1: dense attention, only the indexer trains"),
                         ("dsa-sparse", "DSA stage 2: sparse attention, LM loss + indexer KL")):
         sub.add_parser(name, help=help_, add_help=False)
+    sub.add_parser("eval", help="evaluations: `dsv32 eval long-context --model DIR --lengths 512,1024`",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "demo":
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             from .train import stages
 
             return stages.main(args.command, rest)
+        if args.command == "eval":
+            return _eval(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         {"presets": _presets, "info": _info}[args.command](args)
