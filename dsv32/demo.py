@@ -12,7 +12,6 @@ so this shows that every path runs and learns, not that sparse matches dense.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import time
 from pathlib import Path
@@ -21,24 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from . import presets
+from .data import natural_documents
 from .model import Trace, Transformer
 from .model.generate import greedy
 
-DOC_MODULES = ("os", "json", "collections", "functools", "itertools", "pathlib", "re", "random", "string",
-               "textwrap", "argparse", "dataclasses", "subprocess", "threading", "math", "statistics")
-
-
 def stdlib_text() -> bytes:
     """Docstrings of standard-library modules and their public members: real English, always present."""
-    parts = []
-    for name in DOC_MODULES:
-        mod = importlib.import_module(name)
-        parts.append(mod.__doc__ or "")
-        for attr in sorted(dir(mod)):
-            doc = getattr(getattr(mod, attr, None), "__doc__", None)
-            if not attr.startswith("_") and isinstance(doc, str):
-                parts.append(doc)
-    return "\n\n".join(p.strip() for p in parts if p.strip()).encode("utf-8")
+    return "\n\n".join(natural_documents()).encode("utf-8")
 
 
 def batches(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
