@@ -134,7 +134,7 @@ def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_
         texts = texts[:max_natural]
     # A synthetic document must fit in one packed row (its eos included), or the question and the
     # needle it asks about can land in different rows and the task becomes unlearnable.
-    length = synthetic_length or max(seq_len - 1, 256)  # (very short test rows cut them: too short to fit)
+    length = synthetic_length or max(seq_len - 1, 384)  # (very short rows cut them: they cannot fit)
     texts = texts + [d.text for d in synthetic_documents(seed, n_synthetic, length)] if n_synthetic else texts
     return PackedDataset.from_texts(texts, ByteTokenizer(), seq_len, seed)
 
