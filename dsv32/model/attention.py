@@ -93,7 +93,7 @@ class MLA(nn.Module):
         else:
             kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = kv_BTR, pe_BTP, ik_BTD, ik_scale_BT
 
-        idx_BTK = None
+        idx_BTK = q_lat_BTHR = iq_BTHD = iw_BTH = None
         if ctx.sparse and ctx.max_visible > self.topk:
             ops = kernels.get(x_BTd.device.type)
             iq_BTHD, iw_BTH = self.indexer.queries(x_ix, qr_ix, ctx.cos, ctx.sin)
@@ -110,8 +110,10 @@ class MLA(nn.Module):
         if kl_out is not None:
             if cache is not None:
                 raise ValueError("the indexer KL is a training loss: call the model without a cache")
-            kl_out.append(self._indexer_kl(x_ix, qr_ix, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS,
-                                           idx_BTK, ctx))
+            if iq_BTHD is None:  # dense path: the index queries were not needed for selection
+                iq_BTHD, iw_BTH = self.indexer.queries(x_ix, qr_ix, ctx.cos, ctx.sin)
+            kl_out.append(self._indexer_kl(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_lat_BTHR, q_pe_BTHP,
+                                           kv_BSR, pe_BSP, idx_BTK, ctx))
         return self.wo(o_BTHV.reshape(B, T, H * self.v_dim))
 
     def project(self, x_BTd: torch.Tensor, ctx: AttnContext):
@@ -125,7 +127,8 @@ class MLA(nn.Module):
         kv_BTR, pe_BTP = self.wkv_a(x_BTd).split([self.kv_rank, self.rope_dim], dim=-1)
         return qr_BTq, q_nope_BTHN, q_pe_BTHP, self.kv_norm(kv_BTR), rope.apply_interleaved(pe_BTP, ctx.cos, ctx.sin)
 
-    def _indexer_kl(self, x_ix, qr_ix, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ik_BSD, ik_scale_BS, idx_BTK, ctx):
+    def _indexer_kl(self, iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP,
+                    idx_BTK, ctx):
         """The indexer's training loss (dsa-anchors.md §1.9), with every main-model input detached.
 
         Dense attention (stage 1): mean_t KL(p_t || softmax_{V_t}(I_t)), p_t the head-summed, L1-normalised
@@ -133,10 +136,10 @@ class MLA(nn.Module):
         Sparse attention (stage 2): the same over S_t, p-hat_t from the sparse attention's per-head
         probabilities on S_t, O(T*K*H).
         """
-        iq_BTHD, iw_BTH = self.indexer.queries(x_ix, qr_ix, ctx.cos, ctx.sin)
-        with torch.no_grad():
-            q_lat_BTHR = self._absorb_q(q_nope_BTHN)
-        q_pe_BTHP, kv_BSR, pe_BSP = q_pe_BTHP.detach(), kv_BSR.detach(), pe_BSP.detach()
+        if q_lat_BTHR is None:  # dense path: the absorbed queries were not needed for attention
+            with torch.no_grad():
+                q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+        q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP = q_lat_BTHR.detach(), q_pe_BTHP.detach(), kv_BSR.detach(), pe_BSP.detach()
         if idx_BTK is None:
             return kl_ops.dense_attn_target_kl(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, self.softmax_scale,
                                                iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke)
