@@ -1,0 +1,27 @@
+"""Scale-out: torchrun + FSDP2, distributed checkpoints that reshard, consolidated Hugging Face export.
+
+    torchrun --nproc-per-node 2 -m dsv32 pretrain --preset tiny --batch-size 8 --out runs/pt2
+
+Parallelism is applied to a built model from outside the model code (`parallel.py`); checkpoints go
+through `checkpoint.py`. Trainers consult `current()` (rank, world size, device, `shard`, `mean`,
+`is_main`) instead of reading rank globals; in a single process every helper is a no-op.
+"""
+
+from . import checkpoint
+from .checkpoint import copy_weights, export_hf, full_state_dict, load_dcp, restore, save_dcp
+from .parallel import DistContext, apply_ac, apply_fsdp, current, init, is_sharded, parallelize, shutdown
+
+
+class NullMetrics:
+    """The metrics sink of ranks other than 0: accepts everything, writes nothing."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "checkpoint", "copy_weights", "current",
+           "export_hf", "full_state_dict", "init", "is_sharded", "load_dcp", "parallelize", "restore", "save_dcp",
+           "shutdown"]

@@ -1,0 +1,253 @@
+"""Process groups and FSDP2, applied to a built model from outside the model code (torchtitan's layout).
+
+    ctx = distributed.init()                     # under torchrun: a process group (NCCL on GPU, gloo on CPU)
+    model = distributed.parallelize(model, ctx)  # to ctx.device; rank 0's weights everywhere; FSDP2 if world > 1
+    batch = ctx.shard(next(batches))             # this rank's rows of the global batch
+
+`init` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is one process and
+every helper here is a no-op, so single-process training does exactly what it did before. The active
+context is process-global (`current()`): the training loop, the stages and later trainers consult it
+instead of reading rank globals, and the model never sees it.
+
+Data parallelism averages gradients over ranks (FSDP's reduce-scatter), so W ranks with B/W rows each
+train exactly like one process with gradient accumulation over W micro-batches of B/W rows; when every
+row has the same number of target tokens this is also one process with B rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job. World size 1 (the default) means: not distributed."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, writes metrics and writes consolidated files."""
+        return self.rank == 0
+
+    def shard(self, batch: dict) -> dict:
+        """This rank's contiguous slice of every tensor in a global batch (dim 0); other values as they are."""
+        if not self.enabled:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                if value.shape[0] % self.world_size:
+                    raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows, which {self.world_size} ranks "
+                                     "cannot share evenly; make the global batch size a multiple of the "
+                                     "number of processes (--batch-size)")
+                n = value.shape[0] // self.world_size
+                value = value[self.rank * n:(self.rank + 1) * n]
+            out[key] = value
+        return out
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalar logs over ranks (one all-reduce); every rank must pass the same keys."""
+        if not self.enabled or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any: a stop decided on one rank stops them all together."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([int(bool(flag))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def print(self, *args, **kwargs) -> None:
+        """`print` on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+_current = DistContext()
+
+
+def current() -> DistContext:
+    """The context `init` set up (single process until then)."""
+    return _current
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer; unset it or launch with "
+                         "torchrun, which sets it") from None
+
+
+def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistContext:
+    """Join the job torchrun started (WORLD_SIZE > 1) or stay single-process; returns and activates the context.
+
+    backend: default "cpu:gloo,cuda:nccl" on GPU machines (NCCL for the model, gloo for small CPU
+    collectives such as logged scalars) and "gloo" on CPU-only ones.
+    """
+    global _current
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("cpu:gloo,cuda:nccl" if cuda else "gloo"),
+                                timeout=timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    _current = DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return _current
+
+
+def shutdown() -> None:
+    """Leave the process group (if any) and return to the single-process context."""
+    global _current
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _current = DistContext()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `apply_fsdp` (FSDP2) has sharded this model's parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# -- parallelism ---------------------------------------------------------------------------------
+
+
+def _fp32_owners(model: nn.Module) -> list[nn.Module]:
+    """Modules whose parameters must compute in fp32 (`KeepFP32._fp32`: the router, the indexer's head weights)."""
+    from ..model.precision import KeepFP32
+
+    owners = []
+    for m in model.modules():
+        if isinstance(m, KeepFP32):
+            for dotted in m._fp32:
+                owner_name, _, name = dotted.rpartition(".")
+                owner = m.get_submodule(owner_name) if owner_name else m
+                if isinstance(getattr(owner, name), nn.Parameter) and owner not in owners:
+                    owners.append(owner)
+    return owners
+
+
+def apply_fsdp(model: nn.Module, mp_policy=None, *, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2: `fully_shard` each block, then the root (embedding, final norm, head), as torchtitan does.
+
+    mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy` (e.g. param_dtype=bfloat16,
+    reduce_dtype=float32) or None for full precision. With a low-precision policy the router and the
+    indexer's head weights are sharded on their own with an fp32 policy, as the model keeps them fp32.
+    `model.hidden` (used by losses that skip the LM head) is registered so it gathers the root's
+    parameters like `forward` does.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if not dist.is_initialized():
+        raise ValueError("apply_fsdp needs a process group; call dsv32.distributed.init() under torchrun first")
+    if mesh is None:
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    low_precision = mp_policy.param_dtype not in (None, torch.float32)
+    fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for block in model.layers:
+        if low_precision:
+            for owner in _fp32_owners(block):
+                fully_shard(owner, mesh=mesh, mp_policy=fp32_policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # The root's parameters are needed again right after the forward (backward of the head): keep them.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    if hasattr(model, "hidden"):
+        register_fsdp_forward_method(model, "hidden")
+    return model
+
+
+def _fresh_trace(trace):
+    """An empty record shaped like `trace`, so a recomputed forward runs the same ops without re-recording."""
+    if trace is None:
+        return None
+    return type(trace)(indexer_kl=None if trace.indexer_kl is None else [])
+
+
+def _checkpointed_forward(block_forward, x, ctx, cache=None, route=None, trace=None):
+    calls = []
+
+    def run(x):
+        calls.append(None)
+        return block_forward(x, ctx, cache, route, trace if len(calls) == 1 else _fresh_trace(trace))
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
+def apply_ac(model: nn.Module) -> nn.Module:
+    """Activation checkpointing per block: keep only each block's input, recompute the block in backward.
+
+    Parameter names stay as they are (no wrapper module), so optimizer groups, state dicts and the HF
+    export see the same model. The recomputation records nothing into the caller's `Trace` (routes,
+    top-k and indexer-KL lists keep one entry per layer); non-reentrant checkpointing lets the indexer
+    KL, which leaves the block through the trace, still receive its gradient.
+    """
+    for block in model.layers:
+        if isinstance(block.forward, partial) and block.forward.func is _checkpointed_forward:
+            continue  # already applied
+        block.forward = partial(_checkpointed_forward, block.forward)
+    return model
+
+
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def parallelize(model: nn.Module, ctx: DistContext | None = None, *, mp_policy=None,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Make a built model ready to train in this job: device, activation checkpointing, FSDP2.
+
+    Single process: moves the model to `ctx.device` (a no-op on CPU) and optionally checkpoints
+    activations. Distributed: rank 0's weights are broadcast first (every rank starts from the same
+    model even if their random initialisations differed), then `apply_fsdp`. Returns the model (the
+    same object; FSDP2 changes its class in place).
+    """
+    ctx = ctx or current()
+    if ctx.enabled and ctx.world_size != dist.get_world_size():
+        raise ValueError(f"context world size {ctx.world_size} != process group size {dist.get_world_size()}")
+    model = model.to(ctx.device)
+    if activation_checkpointing:
+        apply_ac(model)
+    if ctx.enabled:
+        _broadcast_from_rank0(model)
+        apply_fsdp(model, mp_policy)
+    return model
