@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from . import checkpoint
 from .metrics import Metrics
 from .optim import ParamGroup, TrainConfig, build_optimizer, clip_grads, set_lr
@@ -52,22 +53,29 @@ def train(model, batches, cfg: TrainConfig, loss_fn: Callable | None = None, gro
 
     on_step(step, logs): called after every optimizer step (step counts completed steps); returning
     True stops the run after a checkpoint, as an interruption would.
+
+    Under torchrun (`dsv32.distributed.init()` + `parallelize(model)`), each rank trains on its slice
+    of every global batch, logs are averaged over ranks, only rank 0 writes metrics, and checkpoints
+    are DCP shards (`dsv32.distributed.checkpoint`); a single process runs exactly as without it.
     """
     loss_fn = loss_fn or lm_loss
     for name in ("__next__", "state_dict", "load_state_dict"):
         if not hasattr(batches, name):
             raise ValueError(f"batches has no {name}(); pass an iterator object with __next__, state_dict() and "
                              "load_state_dict() so checkpoints can resume the data stream")
+    dist = distributed.current()
+    if dist.enabled and not distributed.is_sharded(model):
+        raise ValueError(f"running on {dist.world_size} ranks with an unsharded model; call "
+                         "dsv32.distributed.parallelize(model) before training")
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, cfg, groups)
     own_metrics = metrics is None
-    metrics = metrics or Metrics(cfg.out_dir)
+    metrics = metrics or (Metrics(cfg.out_dir) if dist.is_main else distributed.NullMetrics())
 
     step = 0
-    ckpt = checkpoint.load_latest(cfg.out_dir) if resume else None
+    ckpt = distributed.checkpoint.load_latest(cfg.out_dir) if resume else None
     if ckpt is not None:
-        ckpt.load_model(model)
-        optimizer.load_state_dict(ckpt.optimizer)
+        distributed.restore(ckpt, model, optimizer)  # either format; reshards DCP checkpoints
         batches.load_state_dict(ckpt.data)
         checkpoint.set_rng_state(ckpt.rng)
         step = ckpt.step
@@ -76,11 +84,11 @@ def train(model, batches, cfg: TrainConfig, loss_fn: Callable | None = None, gro
         torch.manual_seed(cfg.seed)
 
     def save(at: int) -> None:
-        checkpoint.save(cfg.out_dir, at, model, optimizer, batches.state_dict(), checkpoint.rng_state(),
-                        cfg.to_dict(), keep=keep)
+        distributed.checkpoint.save(cfg.out_dir, at, model, optimizer, batches.state_dict(), checkpoint.rng_state(),
+                                    cfg.to_dict(), keep=keep)
 
     model.train()
-    bar = _progress(cfg.steps, step)
+    bar = _progress(cfg.steps, step) if dist.is_main else None
     t0 = t_log = time.time()
     tokens_since_log, start_step, saved_at = 0, step, step if ckpt is not None else -1
     loss_val, losses = float("nan"), []
@@ -89,14 +97,18 @@ def train(model, batches, cfg: TrainConfig, loss_fn: Callable | None = None, gro
             lr = set_lr(optimizer, step, cfg)
             loss_sum, extras = 0.0, {}
             for _ in range(cfg.grad_accum):
-                batch = _to(next(batches), device)
+                batch = next(batches)
+                tokens_since_log += int((batch["labels"] != -100).sum())  # the global batch: all ranks' tokens
+                batch = _to(dist.shard(batch), device)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss, extra = _split(loss_fn(model, batch))
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 for k, v in extra.items():
                     extras[k] = extras.get(k, 0.0) + float(v) / cfg.grad_accum
-                tokens_since_log += int((batch["labels"] != -100).sum())
+            if dist.enabled:  # the logged loss is the mean over ranks, as the gradient is
+                extras = dist.mean({"loss": loss_sum, **extras})
+                loss_sum = extras.pop("loss")
             norms = clip_grads(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -111,7 +123,7 @@ def train(model, batches, cfg: TrainConfig, loss_fn: Callable | None = None, gro
                 now = time.time()
                 metrics.log(step, {**logs, "tokens_per_s": tokens_since_log / max(now - t_log, 1e-9)})
                 t_log, tokens_since_log = now, 0
-            stop = bool(on_step(step, logs)) if on_step is not None else False
+            stop = dist.any(bool(on_step(step, logs))) if on_step is not None else False
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop:
                 save(step)
                 saved_at = step
