@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
 class AttnContext:
     """What every layer needs to know about the tokens of this forward pass."""
 
-    start: int  # absolute position of the first new token (= tokens already cached)
+    start: int  # absolute position of the first new token (= tokens already cached; ragged: the largest)
     cos: torch.Tensor  # [B, T, P/2]
     sin: torch.Tensor
     ks: torch.Tensor  # [B, T] first visible key (document start)
@@ -54,6 +54,7 @@ class AttnContext:
     sparse: bool  # attention mode of the model
     plain_causal: bool  # no documents and no cached prefix: SDPA's is_causal applies
     max_visible: int  # max over queries of ke - ks (known on the host: no device sync per layer)
+    pos: torch.Tensor | None = None  # [B, T] per-row cache positions (ragged batch), else None
 
 
 class MLA(nn.Module):
@@ -89,7 +90,7 @@ class MLA(nn.Module):
             ik_BTD, ik_scale_BT = self.indexer.keys(x_ix, ctx.cos, ctx.sin)
 
         if cache is not None:
-            kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = cache.write(ctx.start, kv_BTR, pe_BTP, ik_BTD, ik_scale_BT)
+            kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = cache.write(ctx.start, kv_BTR, pe_BTP, ik_BTD, ik_scale_BT, ctx.pos)
         else:
             kv_BSR, pe_BSP, ik_BSD, ik_scale_BS = kv_BTR, pe_BTP, ik_BTD, ik_scale_BT
 

@@ -4,6 +4,10 @@ indexer's single-head key (index_head_dim per token, optionally FP8 with one fp3
 Preallocated `[B, max_len, ...]` buffers, written at `[start:end]` by each forward (chunked prefill,
 multi-token and single-token decode all go through the same write). `doc_ids` remembers the packing
 segment of every cached token, so later tokens still see their document's start.
+
+Ragged batches (the serving engine's continuous batching): set `lengths` to one length per row and each
+row's new tokens go to its own positions `[lengths[b], lengths[b] + T)`; `rows(a, b)` is a view of some
+rows that shares storage (prefill new requests into free rows, decode the first n rows).
 """
 
 from __future__ import annotations
@@ -22,15 +26,45 @@ class LayerCache:
         self.index_k = torch.zeros(batch, max_len, ix.head_dim, dtype=key_dtype, device=device)
         self.index_scale = torch.ones(batch, max_len, dtype=torch.float32, device=device) if ix.quant == "fp8_sim" else None
 
-    def write(self, start: int, kv, pe, index_k, index_scale):
+    def write(self, start: int, kv, pe, index_k, index_scale, pos_BT: torch.Tensor | None = None):
+        """Store T new tokens at [start, start + T), or at per-row positions `pos_BT` (ragged batch; then
+        `start` is the largest row start). Returns the cache up to the end of the new tokens."""
         end = start + kv.shape[1]
-        self.kv[:, start:end] = kv
-        self.pe[:, start:end] = pe
-        self.index_k[:, start:end] = index_k.to(self.index_k.dtype)
+        at = (slice(None), slice(start, end)) if pos_BT is None else \
+            (torch.arange(kv.shape[0], device=kv.device)[:, None], pos_BT)
+        self.kv[at] = kv
+        self.pe[at] = pe
+        self.index_k[at] = index_k.to(self.index_k.dtype)
         if self.index_scale is not None:
-            self.index_scale[:, start:end] = index_scale
+            self.index_scale[at] = index_scale
         return (self.kv[:, :end], self.pe[:, :end], self.index_k[:, :end],
                 None if self.index_scale is None else self.index_scale[:, :end])
+
+    def rows(self, a: int, b: int) -> "LayerCache":
+        """Rows [a, b) as a view: writes go to this cache's storage."""
+        view = LayerCache.__new__(LayerCache)
+        view.kv, view.pe, view.index_k = self.kv[a:b], self.pe[a:b], self.index_k[a:b]
+        view.index_scale = None if self.index_scale is None else self.index_scale[a:b]
+        return view
+
+    def resized(self, max_len: int) -> "LayerCache":
+        """A copy with room for max_len tokens per row; the first min(old, new) positions carried over."""
+        out = LayerCache.__new__(LayerCache)
+        n = min(max_len, self.kv.shape[1])
+        for name in ("kv", "pe", "index_k", "index_scale"):
+            old = getattr(self, name)
+            new = None
+            if old is not None:
+                new = (old.new_ones if name == "index_scale" else old.new_zeros)((old.shape[0], max_len, *old.shape[2:]))
+                new[:, :n] = old[:, :n]
+            setattr(out, name, new)
+        return out
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n cached tokens of row `src` into row `dst`."""
+        for t in (self.kv, self.pe, self.index_k, self.index_scale):
+            if t is not None:
+                t[dst, :n] = t[src, :n]
 
 
 class Cache:
@@ -44,6 +78,45 @@ class Cache:
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.layers = [LayerCache(cfg, batch, max_len, dtype, device) for _ in range(cfg.n_layers)]
         self.doc_ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.lengths: list[int] | None = None  # per-row lengths: a ragged batch (see the module docstring)
+
+    def rows(self, a: int, b: int, lengths: list[int] | None = None) -> "Cache":
+        """Rows [a, b) as a cache view sharing storage; `lengths` (one per row) makes it ragged,
+        None makes it an empty plain cache (e.g. to prefill new requests into free rows)."""
+        if not 0 <= a < b <= self.batch:
+            raise ValueError(f"rows [{a}, {b}) outside the cache's batch of {self.batch}")
+        if lengths is not None and len(lengths) != b - a:
+            raise ValueError(f"{len(lengths)} lengths for {b - a} rows; give one length per row")
+        view = Cache.__new__(Cache)
+        view.batch, view.max_len = b - a, self.max_len
+        view.lengths = None if lengths is None else list(lengths)
+        view.length = 0 if lengths is None else max(lengths)
+        view.layers = [layer.rows(a, b) for layer in self.layers]
+        view.doc_ids = self.doc_ids[a:b]
+        return view
+
+    def resized(self, max_len: int) -> "Cache":
+        """A copy with room for max_len tokens per row (the engine grows its cache on demand this way)."""
+        out = Cache.__new__(Cache)
+        out.batch, out.max_len, out.length = self.batch, max_len, min(self.length, max_len)
+        out.lengths = None if self.lengths is None else [min(n, max_len) for n in self.lengths]
+        out.layers = [layer.resized(max_len) for layer in self.layers]
+        out.doc_ids = self.doc_ids.new_zeros((self.batch, max_len))
+        n = min(max_len, self.max_len)
+        out.doc_ids[:, :n] = self.doc_ids[:, :n]
+        return out
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Copy row `src`'s first n tokens to row `dst` (the engine compacts its running rows this way)."""
+        for layer in self.layers:
+            layer.copy_row(src, dst, n)
+        self.doc_ids[dst, :n] = self.doc_ids[src, :n]
+
+    def advance(self, n_new: int) -> None:
+        """Record that n_new tokens were written to every row."""
+        self.length += n_new
+        if self.lengths is not None:
+            self.lengths = [n + n_new for n in self.lengths]
 
     def reserve(self, n_new: int, batch: int) -> int:
         """Check that `n_new` tokens fit; returns the start position for them."""

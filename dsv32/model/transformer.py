@@ -145,6 +145,8 @@ class Transformer(nn.Module):
     def context(self, B: int, T: int, start: int, doc_ids_BT: torch.Tensor | None, cache: Cache | None,
                 device) -> AttnContext:
         """Positions, RoPE angles and the visible key range [ks, ke) of every new token."""
+        if cache is not None and cache.lengths is not None:
+            return self._ragged_context(T, cache, doc_ids_BT, device)
         pos_BT = (start + torch.arange(T, device=device)).expand(B, T)
         cos, sin = rope.cos_sin(self._freqs, pos_BT, self._rope_scale)
         ke_BT = pos_BT + 1
@@ -165,6 +167,17 @@ class Transformer(nn.Module):
         max_visible = start + T if doc_ids_BT is None and cache is None else int((ke_BT - ks_BT).max())
         return AttnContext(start, cos, sin, ks_BT, ke_BT, self.cfg.attn_mode == "sparse", plain, max_visible)
 
+    def _ragged_context(self, T: int, cache: Cache, doc_ids_BT, device) -> AttnContext:
+        """A ragged batch: row b's new tokens sit at [cache.lengths[b], + T) and see keys [0, position]."""
+        if doc_ids_BT is not None:
+            raise ValueError("doc_ids are not supported with a ragged cache (per-row lengths); "
+                             "pack documents without a cache or decode them with a plain cache")
+        pos_BT = torch.tensor(cache.lengths, device=device)[:, None] + torch.arange(T, device=device)
+        cos, sin = rope.cos_sin(self._freqs, pos_BT, self._rope_scale)
+        start = max(cache.lengths)
+        return AttnContext(start, cos, sin, torch.zeros_like(pos_BT), pos_BT + 1, self.cfg.attn_mode == "sparse",
+                           False, start + T, pos_BT)
+
     def hidden(self, input_ids: torch.Tensor, *, cache: Cache | None = None, doc_ids: torch.Tensor | None = None,
                routes: list | None = None, trace: Trace | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, d] (what the LM head reads)."""
@@ -179,7 +192,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, None if cache is None else cache.layers[i], None if routes is None else routes[i], trace)
         if cache is not None:
-            cache.length = start + T
+            cache.advance(T)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, *, cache: Cache | None = None, doc_ids: torch.Tensor | None = None,
