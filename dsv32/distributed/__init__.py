@@ -9,7 +9,8 @@ through `checkpoint.py`. Trainers consult `current()` (rank, world size, device,
 
 from . import checkpoint
 from .checkpoint import copy_weights, export_hf, full_state_dict, load_dcp, restore, save_dcp
-from .parallel import DistContext, apply_ac, apply_fsdp, current, init, is_sharded, parallelize, shutdown
+from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, current, init, is_sharded, parallelize, session,
+                       shutdown)
 
 
 class NullMetrics:
@@ -22,6 +23,6 @@ class NullMetrics:
         pass
 
 
-__all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "checkpoint", "copy_weights", "current",
-           "export_hf", "full_state_dict", "init", "is_sharded", "load_dcp", "parallelize", "restore", "save_dcp",
-           "shutdown"]
+__all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "bf16_policy", "checkpoint", "copy_weights",
+           "current", "export_hf", "full_state_dict", "init", "is_sharded", "load_dcp", "parallelize", "restore",
+           "save_dcp", "session", "shutdown"]

@@ -17,6 +17,7 @@ row has the same number of target tokens this is also one process with B rows.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -135,6 +136,25 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _current = DistContext()
+
+
+@contextmanager
+def session(backend: str | None = None):
+    """`init()` for the duration of a command; leaves the process group only if this call created it."""
+    created = not dist.is_initialized()
+    ctx = init(backend)
+    try:
+        yield ctx
+    finally:
+        if created:
+            shutdown()
+
+
+def bf16_policy():
+    """FSDP2 mixed precision as torchtitan uses it: bf16 parameters and compute, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def is_sharded(model: nn.Module) -> bool:

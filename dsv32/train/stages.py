@@ -12,7 +12,9 @@ from the generic loop (`loop.train`): attention mode, parameter groups, loss.
     summary = stages.run("dsa-warmup", model, stages.Stream(dataset, batch_size), cfg)
 
 `dsv32 pretrain | dsa-warmup | dsa-sparse` (see `main`) builds the model (preset or `--init-from`), the data
-(packed natural + synthetic documents, byte tokens), runs the stage and writes `<out>/final/`.
+(packed natural + synthetic documents, byte tokens), runs the stage and writes `<out>/final/`. The same
+command runs data-parallel with FSDP2 under `torchrun --nproc-per-node N -m dsv32 pretrain ...`
+(`--batch-size` is the global batch; checkpoints are DCP shards; `final/` is consolidated on rank 0).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..model import Trace
 from . import checkpoint
 from .loop import lm_loss, train
@@ -160,7 +163,10 @@ def build_model(preset: str = "tiny", init_from=None, overrides: dict | None = N
 
     overrides = overrides or {}
     if init_from is not None:
-        return Transformer.from_pretrained(resolve_init(init_from), dtype=torch.float32, **overrides)
+        path = resolve_init(init_from)
+        if distributed.checkpoint.is_dcp(path):  # a step of a torchrun run: DCP shards + config.json
+            return distributed.checkpoint.load_model(path, dtype=torch.float32, **overrides)
+        return Transformer.from_pretrained(path, dtype=torch.float32, **overrides)
     cfg = presets.get(preset)
     return Transformer(cfg.replace(**overrides) if overrides else cfg)
 
@@ -211,11 +217,19 @@ def make_parser(stage: Stage) -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--synthetic-docs", type=int, default=64, help="synthetic long-range documents in the mix")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (and, under torchrun, FSDP2 bf16 parameters with fp32 gradient reduction)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     return p
 
 
 def main(stage_name: str, argv: list[str]) -> int:
     """Run one stage from the command line; a user mistake raises ValueError (the CLI prints it, exit 2)."""
+    with distributed.session():  # under torchrun: join the process group for this command
+        return _main(stage_name, argv)
+
+
+def _main(stage_name: str, argv: list[str]) -> int:
     stage = get_stage(stage_name)
     parser = make_parser(stage)
     args, rest = parser.parse_known_args(argv)  # a bad typed value exits 2 via argparse with its own message
@@ -234,12 +248,17 @@ def main(stage_name: str, argv: list[str]) -> int:
         raise ValueError(f"the byte tokenizer needs vocab_size >= 272; the model has {model.cfg.vocab_size}")
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                       warmup_steps=min(args.warmup_steps, args.steps), log_every=args.log_every,
-                      ckpt_every=args.ckpt_every, out_dir=args.out)
+                      ckpt_every=args.ckpt_every, out_dir=args.out, bf16=args.bf16)
     if args.batch_size > len(dataset):
         raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset)} packed rows")
+    ctx = distributed.current()
+    if args.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) is not a multiple of the "
+                         f"{ctx.world_size} processes; pass a multiple of {ctx.world_size}")
+    model = distributed.parallelize(model, ctx, activation_checkpointing=args.activation_checkpointing,
+                                    mp_policy=distributed.bf16_policy() if args.bf16 and ctx.enabled else None)
     summary = run(stage, model, Stream(dataset, args.batch_size), cfg, resume=not args.no_resume)
     final = Path(args.out) / "final"
-    model.save_pretrained(final)
-    print(f"{stage.name}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {final}",
-          flush=True)
+    distributed.export_hf(model, final)  # consolidated on rank 0 when sharded; save_pretrained otherwise
+    ctx.print(f"{stage.name}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {final}")
     return 0
