@@ -92,13 +92,14 @@ def _fmt(x: Fraction) -> str:
 
 # -- tools ---------------------------------------------------------------------------------------------
 
+# Compact schemas: the byte-level model reads the whole tools block in every tool prompt.
 TOOLS = {
     "calc": {"type": "function", "function": {
-        "name": "calc", "description": "Evaluate an arithmetic expression exactly.",
-        "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}, "required": ["expr"]}}},
+        "name": "calc", "description": "exact arithmetic",
+        "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}}}},
     "lookup": {"type": "function", "function": {
-        "name": "lookup", "description": "Look up a name in the fact collection.",
-        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
+        "name": "lookup", "description": "facts about a name",
+        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}},
 }
 _SYL = ("ka", "lo", "mi", "ru", "te", "zo", "pa", "ni", "su", "ve", "do", "ba", "fi", "gu", "ho", "je")
 _CITIES = ("Oslo", "Lima", "Rome", "Kyiv", "Bern", "Baku", "Doha", "Riga", "Suva", "Apia")
