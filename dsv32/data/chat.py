@@ -317,9 +317,6 @@ class StreamParser:
         return events
 
     def result(self) -> dict:
-        stray = [f for f in (*self.reasoning, *self.content) if _SPECIAL_RE.search(f)]
-        if stray and not any(p.startswith("unexpected") for p in self.problems):
-            self._problem("special token inside text")
         return {"content": "".join(self.content),
                 "reasoning_content": "".join(self.reasoning) if self.saw_reasoning else None,
                 "tool_calls": list(self.calls), "well_formed": not self.problems, "finished": self.finished,
