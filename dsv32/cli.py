@@ -11,6 +11,8 @@
                                 --seq-len T --seed S --model.indexer.topk=32 ...; writes OUT/final/)
     dsv32 eval long-context    retrieval accuracy (passkey, kv-recall) by length, dense vs sparse attention
                                (--model DIR --lengths 512,1024 [--n 8] [--out FILE.json])
+    dsv32 rl                   GRPO with the V3.2 fixes and the divergence guard (--preset tiny-math --init-from DIR
+                                --out DIR [--steps N --minutes M --loss.beta=0.001 ...]; writes OUT/final/, report.json)
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=help_, add_help=False)
     sub.add_parser("eval", help="evaluations: `dsv32 eval long-context --model DIR --lengths 512,1024`",
                    add_help=False)
+    sub.add_parser("rl", help="GRPO: `dsv32 rl --preset tiny-math --init-from DIR --out DIR`", add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "demo":
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             return stages.main(args.command, rest)
         if args.command == "eval":
             return _eval(rest)
+        if args.command == "rl":
+            from .rl import trainer
+
+            return trainer.main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         {"presets": _presets, "info": _info}[args.command](args)

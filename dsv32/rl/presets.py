@@ -1,0 +1,171 @@
+"""RL run configs and presets (plain dataclasses and functions; `dsv32 rl --preset NAME --key=value ...`).
+
+    cfg = presets.get("tiny-math").replace(**{"loss.beta": 0.001, "steps": 50})
+
+Defaults follow rl-distill-anchors.md §6.3 scaled to a 4M-parameter byte model on a CPU: group-mean
+advantages without std (V3.2), Clip-Higher 0.2/0.28, per-sequence token mean (V3.2), β = 0 for math and
+a weak KL elsewhere (V3.2 §3.1: "weak or no KL for mathematics"), two minibatches per rollout (so OPSM
+has something to mask), Keep Sampling Mask and Keep Routing always on. The learning rate is far above
+the 1e-6 of billion-parameter runs: a tiny model needs it to move within minutes.
+
+Presets:
+    tiny-math       multi-step arithmetic, thinking mode (issue 6 acceptance: held-out accuracy +15 points)
+    tiny-tool       calculator / lookup tool use, thinking mode (tool-task success +15 points)
+    tiny-hack       math with a deliberately hackable length-loving judge and the guard on (the guard demo)
+    tiny-countdown, tiny-logic, tiny-alignment   the other specialists' domains (issue 7)
+    tiny-mixed      every domain in one run, all rewards (V3.2's mixed RL stage)
+    tiny-speciale   math only, relaxed length penalty (larger budget, smaller weight), β = 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+
+from .guard import GuardConfig
+from .loss import LossConfig
+from .tasks import DOMAINS
+
+REASONING_WEIGHTS = {"correctness": 1.0, "format": 0.2, "length": 0.2, "language": 0.1}
+DEFAULT_RUBRIC = {
+    "math": REASONING_WEIGHTS, "countdown": REASONING_WEIGHTS, "logic": REASONING_WEIGHTS,
+    "tool": {"tool": 1.0, "format": 0.2, "length": 0.2, "language": 0.1},
+    "alignment": {"alignment": 1.0, "format": 0.2, "length": 0.2, "language": 0.1},
+}
+
+
+@dataclass
+class RLConfig:
+    name: str = "tiny-math"
+    domains: dict = field(default_factory=lambda: {"math": 1})   # domain -> weight in the prompt mix
+    difficulty: int = 1
+    thinking: bool = True
+    n_train_tasks: int = 1000          # training prompts per unit of domain weight (a cursor walks them)
+    prompts_per_step: int = 16
+    group_size: int = 8                # G samples per prompt
+    minibatches: int = 2               # optimizer steps per rollout (μ)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64               # per model turn
+    max_turns: int = 3                 # model turns per sample in the tool loop
+    lr: float = 2e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    steps: int = 60                    # rollout steps (each: minibatches optimizer steps)
+    minutes: float = 0.0               # wall-clock budget of the training loop; 0 = none
+    advantage: str = "group_mean"      # group_mean | group_mean_std | batch_std | rloo
+    mask_truncated: bool = False       # drop truncated samples from the loss (else the length reward hits them)
+    loss: LossConfig = field(default_factory=LossConfig)
+    beta_by_domain: dict = field(default_factory=lambda: {"math": 0.0, "countdown": 0.0})  # else loss.beta
+    rubric: dict = field(default_factory=lambda: {d: dict(w) for d, w in DEFAULT_RUBRIC.items()})
+    length_budget: int = 0             # L_max of the soft overlong penalty; 0 = max_tokens
+    ref_refresh: int = 0               # replace the reference by the policy every N steps (R1: 400); 0 = never
+    eval_n: int = 200                  # held-out problems per domain for the before/after accuracy (greedy)
+    eval_sets: dict = field(default_factory=dict)  # guard held-out sets: name -> {"domain", "difficulty"}; {} = auto
+    guard: GuardConfig | None = None
+    guard_demo: bool = False           # report this run as `rl.guard_demo`
+    ckpt_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        if isinstance(self.guard, dict):
+            self.guard = GuardConfig(**self.guard)
+        bad = sorted(set(self.domains) - set(DOMAINS))
+        checks = [
+            ("domains", self.domains and not bad and all(w > 0 for w in self.domains.values()),
+             f"must map known domains ({', '.join(DOMAINS)}) to positive weights; unknown: {bad}"),
+            ("difficulty", self.difficulty in (1, 2, 3), "must be 1, 2 or 3"),
+            ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
+            ("group_size", self.group_size >= 2, "must be >= 2 (a group needs a baseline)"),
+            ("minibatches", 1 <= self.minibatches <= self.prompts_per_step * self.group_size,
+             "must be in [1, prompts_per_step * group_size]"),
+            ("temperature", self.temperature > 0, "must be > 0 for sampling"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("max_turns", self.max_turns >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("minutes", self.minutes >= 0, "must be >= 0 (0: no budget)"),
+            ("advantage", self.advantage in ("group_mean", "group_mean_std", "batch_std", "rloo"),
+             "must be group_mean, group_mean_std, batch_std or rloo"),
+            ("eval_n", self.eval_n >= 1, "must be >= 1"),
+            ("ckpt_every", self.ckpt_every >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} {why}")
+        if self.loss.aggregation == "dr_grpo" and self.loss.max_len is None:
+            self.loss = dataclasses.replace(self.loss, max_len=self.max_tokens * self.max_turns)
+
+    def beta(self, domain: str) -> float:
+        return float(self.beta_by_domain.get(domain, self.loss.beta))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **overrides) -> "RLConfig":
+        """A copy with dotted overrides (`loss.beta`, `guard.eval_every`, `domains`, ...); unknown keys are errors."""
+        d = self.to_dict()
+        for dotted, value in overrides.items():
+            keys = dotted.split(".")
+            target = d
+            for key in keys[:-1]:
+                if key == "guard" and target.get("guard") is None:
+                    target["guard"] = asdict(GuardConfig())
+                if not isinstance(target.get(key), dict):
+                    raise ValueError(f"rl override '{dotted}': '{key}' is not a section (sections: loss, guard, "
+                                     "domains, rubric, beta_by_domain, eval_sets)")
+                target = target[key]
+            if keys[-1] not in target and keys[0] not in ("domains", "rubric", "beta_by_domain", "eval_sets"):
+                raise ValueError(f"rl override '{dotted}': unknown key '{keys[-1]}'; valid keys here: "
+                                 f"{', '.join(sorted(target))}")
+            target[keys[-1]] = value
+        return RLConfig(**d)
+
+
+def tiny_math() -> RLConfig:
+    return RLConfig(name="tiny-math", domains={"math": 1})
+
+
+def tiny_tool() -> RLConfig:
+    # Tool prompts carry the tool schemas (~800 tokens): fewer prompts per step keep a step short on a CPU.
+    return RLConfig(name="tiny-tool", domains={"tool": 1}, prompts_per_step=8, max_tokens=48)
+
+
+def tiny_hack() -> RLConfig:
+    """The guard demo: the only train reward is a judge that loves long answers (`rewards.length_judge`), so
+    the policy pads its answers, held-out accuracy falls, and the guard must fire and roll back."""
+    return RLConfig(name="tiny-hack", domains={"math": 1}, rubric={"*": {"length_judge": 1.0}}, guard_demo=True,
+                    guard=GuardConfig(eval_every=4, eval_subset=64, tolerance=0.1, hack_reward_rise=0.05,
+                                      hack_eval_drop=0.03, max_rollbacks=2, lr_gamma=0.5, beta_factor=2.0))
+
+
+def tiny_domain(domain: str) -> RLConfig:
+    return RLConfig(name=f"tiny-{domain}", domains={domain: 1})
+
+
+def tiny_mixed() -> RLConfig:
+    return RLConfig(name="tiny-mixed", domains={d: 1 for d in DOMAINS}, loss=LossConfig(beta=0.001),
+                    prompts_per_step=10)
+
+
+def tiny_speciale() -> RLConfig:
+    """Math only with a relaxed length penalty: twice the token budget, half the penalty weight, β = 0."""
+    rubric = {"*": {**REASONING_WEIGHTS, "length": REASONING_WEIGHTS["length"] / 2}}
+    return RLConfig(name="tiny-speciale", domains={"math": 1}, rubric=rubric, max_tokens=128, length_budget=128,
+                    loss=LossConfig(beta=0.0), beta_by_domain={})
+
+
+PRESETS = {"tiny-math": tiny_math, "tiny-tool": tiny_tool, "tiny-hack": tiny_hack,
+           "tiny-countdown": lambda: tiny_domain("countdown"), "tiny-logic": lambda: tiny_domain("logic"),
+           "tiny-alignment": lambda: tiny_domain("alignment"), "tiny-mixed": tiny_mixed,
+           "tiny-speciale": tiny_speciale}
+
+
+def get(name: str) -> RLConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown RL preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()

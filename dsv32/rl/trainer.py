@@ -1,0 +1,387 @@
+"""`dsv32 rl`: GRPO with DeepSeek-V3.2's stability fixes and the divergence guard (rl-distill-anchors.md §1.2–1.5, §6.1 item 7).
+
+    dsv32 rl --preset tiny-math --init-from runs/sft/final --out runs/rl-math [--steps 60] [--minutes 10]
+             [--report runs/report.json] [--loss.beta=0.001] [--guard.eval_every=5] ...
+
+One step: take `prompts_per_step` training tasks, sample `group_size` completions each through the serving
+engine (chat template, thinking or not, tool loop for tool tasks), score them with the rubric, compute
+group advantages by uid, then take `minibatches` optimizer steps over shuffled slices of the rollout. The
+training log-probs replay the sampler's kept sets (Keep Sampling Mask, `logprobs_over_kept`) and MoE routes
+(Keep Routing, `model(ids, routes=...)`); π_old is the policy before the first update of the rollout (so the
+first minibatch's ratio is exactly 1) and OPSM compares against the engine's own log-probs. A frozen
+reference (optionally refreshed) gives the unbiased KL when a domain has β > 0. The guard evaluates held-out
+sets every K steps and rolls back to its last good checkpoint (`OUT/good/`) with a lower lr. Checkpoints in
+`OUT/ckpt/` resume exactly (weights, optimizer, RNG, task cursor, guard state); `OUT/final/` is the model;
+`OUT/report.json` (or `--report`) gets `rl.<run name> = {before, after}` held-out accuracy (greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.chat import parse_assistant
+from ..data.tokenizer import ByteTokenizer
+from ..model.moe import MoE
+from ..serve.engine import Engine
+from ..serve.sampling import SamplingParams, logprobs_over_kept
+from ..train import checkpoint
+from ..train.metrics import Metrics
+from ..train.optim import ParamGroup, TrainConfig, build_optimizer, clip_grads
+from . import report as rl_report
+from . import tasks as T
+from .advantages import group_advantages
+from .guard import DivergenceGuard
+from .loss import grpo_loss, token_entropy
+from .presets import RLConfig
+from .rollout import collate, rollout
+from .rubric import Rubric, summarize
+
+
+def success(sample) -> bool:
+    """Held-out success: the reply ended (not truncated) and its final answer verifies (`tasks.verify`, the rule
+    `dsv32 eval suites` uses)."""
+    content = parse_assistant(sample.text, thinking=sample.thinking)["content"] or ""
+    return (not sample.truncated) and bool(content.strip()) and T.verify(sample.task, content.strip())
+
+
+def policy_logprobs(model, batch: dict, entropy: bool = False, entropy_grad: bool = False):
+    """Per-token log-probs [B, T] of the sampled tokens with the sampler's kept sets (Keep Sampling Mask) and MoE
+    routes (Keep Routing) replayed, and optionally the entropy [B, T] of that renormalised distribution."""
+    logits_BTV = model(batch["input_ids"], routes=batch["routes"]).float()
+    B, T_, V = logits_BTV.shape
+    kept = batch["kept"]
+    lp = logprobs_over_kept(logits_BTV.reshape(-1, V), batch["targets"].reshape(-1),
+                            None if kept is None else kept.reshape(-1, V), batch["temperature"]).view(B, T_)
+    ent = None
+    if entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            x = logits_BTV / batch["temperature"]
+            ent = token_entropy(torch.log_softmax(x if kept is None else x.masked_fill(~kept, -math.inf), -1))
+    return lp, ent
+
+
+class GRPOTrainer:
+    def __init__(self, model, cfg: RLConfig, out_dir, tokenizer=None, metrics: Metrics | None = None):
+        self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        self.tok = tokenizer or ByteTokenizer()
+        self.device = next(model.parameters()).device
+        self.rubric = Rubric(cfg.rubric)
+        self.engine = Engine(model, max_batch=cfg.prompts_per_step * cfg.group_size, eos_id=self.tok.eos_id,
+                             decode=self.tok.decode)
+        moe = any(isinstance(layer.ffn, MoE) for layer in model.layers)
+        self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                       max_tokens=cfg.max_tokens, logprobs=True,
+                                       return_kept=cfg.top_p < 1 or cfg.top_k > 0, return_routes=moe)
+        tcfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, out_dir=str(self.out))
+        # The indexer learns only from its own KL (DSA stage 2), never from the policy loss: frozen here.
+        self.optimizer = build_optimizer(model, tcfg, [ParamGroup("main", lambda n: ".indexer." not in n)])
+        needs_ref = cfg.loss.beta > 0 or any(b > 0 for b in cfg.beta_by_domain.values())
+        self.ref = copy.deepcopy(model).requires_grad_(False) if needs_ref else None
+        self.pool = self._pool()
+        self.cursor, self.step, self.before = 0, 0, None
+        self.metrics = metrics or Metrics(self.out)
+        self.guard = None
+        if cfg.guard is not None:
+            self.guard = DivergenceGuard(cfg.guard, self._guard_sets(), lambda name, items: self.accuracy(items),
+                                         save=self._save_good, restore=self._restore_good, log=self.metrics.log)
+
+    # ------------------------------------------------------------------ tasks
+    def _pool(self) -> list[T.Task]:
+        pool = []
+        for domain, weight in self.cfg.domains.items():
+            n = self.cfg.n_train_tasks * weight
+            while True:   # small domains hold fewer distinct tasks than asked: take what exists
+                try:
+                    pool += T.make_tasks(domain, n, split="train", seed=self.cfg.seed, difficulty=self.cfg.difficulty)
+                    break
+                except ValueError:
+                    if n <= 16:
+                        raise
+                    n //= 2
+        random.Random(self.cfg.seed).shuffle(pool)
+        return pool
+
+    def _next_tasks(self) -> list[T.Task]:
+        n = self.cfg.prompts_per_step
+        out = [self.pool[(self.cursor + i) % len(self.pool)] for i in range(n)]
+        self.cursor += n
+        return out
+
+    def heldout(self) -> dict[str, list[T.Task]]:
+        return {d: T.make_tasks(d, self.cfg.eval_n, split="heldout", seed=self.cfg.seed + 1000,
+                                difficulty=self.cfg.difficulty) for d in self.cfg.domains}
+
+    def _guard_sets(self) -> dict[str, list[T.Task]]:
+        """The guard's held-out sets: cfg.eval_sets, else each domain at the run's difficulty and one above."""
+        spec = self.cfg.eval_sets or {f"{d}-d{k}": {"domain": d, "difficulty": k} for d in self.cfg.domains
+                                      for k in sorted({self.cfg.difficulty, min(3, self.cfg.difficulty + 1)})}
+        if len(spec) < 2:
+            spec = {**spec, f"{next(iter(self.cfg.domains))}-b": {**next(iter(spec.values())), "seed": 1}}
+        return {name: T.make_tasks(s["domain"], 4 * self.cfg.guard.eval_subset or 256, split="heldout",
+                                   seed=self.cfg.seed + 2000 + s.get("seed", 0), difficulty=s["difficulty"])
+                for name, s in spec.items()}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, tasks: list[T.Task]) -> dict:
+        """Greedy held-out accuracy, mean generated length and format rate of a task list."""
+        greedy = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_tokens)
+        samples = rollout(self.engine, self.tok, tasks, group_size=1, params=greedy, thinking=self.cfg.thinking,
+                          max_turns=self.cfg.max_turns)
+        ok = [success(s) for s in samples]
+        return {"accuracy": sum(ok) / len(ok), "n": len(ok),
+                "length": sum(s.n_generated for s in samples) / len(samples),
+                "format": sum(parse_assistant(s.text, thinking=s.thinking)["well_formed"] and not s.truncated
+                              for s in samples) / len(samples)}
+
+    def accuracy(self, tasks: list[T.Task]) -> float:
+        return self.evaluate(tasks)["accuracy"]
+
+    def evaluate_heldout(self) -> dict:
+        per = {d: self.evaluate(ts) for d, ts in self.heldout().items()}
+        return {"accuracy": sum(r["accuracy"] for r in per.values()) / len(per), "domains": per}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"cursor": self.cursor, "before": self.before,
+                "guard": self.guard.state_dict() if self.guard is not None else None}
+
+    def save(self) -> None:
+        checkpoint.save(self.out / "ckpt", self.step, self.model, self.optimizer, self._state(),
+                        checkpoint.rng_state(), self.cfg.to_dict(), keep=2)
+
+    def _load(self, ck: checkpoint.Checkpoint, guard_too: bool) -> None:
+        ck.load_model(self.model)
+        self.optimizer.load_state_dict(ck.optimizer)
+        checkpoint.set_rng_state(ck.rng)
+        self.cursor, self.step = int(ck.data["cursor"]), ck.step
+        if guard_too:
+            self.before = ck.data.get("before")
+            if self.guard is not None and ck.data.get("guard"):
+                self.guard.load_state_dict(ck.data["guard"])
+        ref_dir = self.out / "ref"
+        if self.ref is not None and guard_too and (ref_dir / "config.json").is_file():
+            self.ref.load_state_dict(type(self.model).from_pretrained(ref_dir).state_dict())
+
+    def resume(self) -> bool:
+        ck = checkpoint.load_latest(self.out / "ckpt")
+        if ck is None:
+            return False
+        self._load(ck, guard_too=True)
+        self.metrics.log(self.step, {"resumed_from": str(ck.path)})
+        return True
+
+    def _save_good(self, step: int) -> None:
+        good = self.out / "good"
+        checkpoint.save(good, step, self.model, self.optimizer, self._state(), checkpoint.rng_state(),
+                        self.cfg.to_dict(), keep=0)
+        keep = self.guard.protected_steps() | {step}
+        for path in checkpoint.list_checkpoints(good):
+            if int(path.name.split("_")[1]) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _restore_good(self, step: int) -> None:
+        """Rollback: weights, optimizer, RNG and task cursor of a good checkpoint (the guard keeps its own ledger);
+        later resume checkpoints are dropped so a restart cannot resume past the rollback."""
+        self._load(checkpoint.load(self.out / "good" / f"step_{step:08d}"), guard_too=False)
+        for path in checkpoint.list_checkpoints(self.out / "ckpt"):
+            if int(path.name.split("_")[1]) > step:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ one GRPO step
+    def _score(self, samples) -> None:
+        for s in samples:
+            info = {"thinking": s.thinking, "truncated": s.truncated, "n_tokens": s.n_generated,
+                    "max_tokens": self.cfg.max_tokens * s.turns, "length_budget": self.cfg.length_budget or None,
+                    "transcript": s.transcript}
+            s.reward, s.components = self.rubric.score(s.text, s.task, info)
+
+    def _lr(self) -> float:
+        warm = min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+        return self.cfg.lr * warm * (self.guard.lr_scale if self.guard is not None else 1.0)
+
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.time()
+        tasks = self._next_tasks()
+        has_tools = any(t.meta.get("tools") for t in tasks)
+        samples = rollout(self.engine, self.tok, tasks, group_size=cfg.group_size, params=self.sampling,
+                          thinking=cfg.thinking, max_turns=cfg.max_turns if has_tools else 1)
+        t_roll = time.time() - t0
+        self._score(samples)
+        adv, adv_stats = group_advantages([s.reward for s in samples], [s.uid for s in samples], cfg.advantage)
+        logs = {**adv_stats, **summarize([(s.reward, s.components) for s in samples], [s.task for s in samples])}
+        lengths = [s.n_generated for s in samples]
+        done = [n for n, s in zip(lengths, samples) if not s.truncated]
+        logs.update({"completions/mean_length": sum(lengths) / len(lengths), "completions/max_length": max(lengths),
+                     "completions/min_length": min(lengths),
+                     "completions/clipped_ratio": sum(s.truncated for s in samples) / len(samples),
+                     "completions/mean_terminated_length": sum(done) / len(done) if done else 0.0,
+                     "train/success": sum(success(s) for s in samples) / len(samples)})
+        keep = [i for i, s in enumerate(samples) if not (cfg.mask_truncated and s.truncated)
+                and (adv[i] != 0 or cfg.beta(s.task.domain) > 0 or cfg.loss.entropy_coef > 0)]
+        # Samples with zero advantage and no KL/entropy term carry no gradient: dropped (DAPO's dynamic-sampling
+        # filter, without refill). The rest are shuffled into `minibatches` slices, one optimizer step each.
+        order = [keep[i] for i in torch.randperm(len(keep)).tolist()]
+        chunks = [c for c in (order[i::cfg.minibatches] for i in range(cfg.minibatches)) if c]
+        batches = [collate([samples[i] for i in c], self.model.cfg.vocab_size, self.device, cfg.temperature)
+                   for c in chunks]
+        with torch.no_grad():   # π_old for every slice after the first: the policy before this rollout's updates
+            olds = [None] + [policy_logprobs(self.model, b)[0] for b in batches[1:]]
+        agg: dict[str, float] = {}
+        beta_scale = self.guard.beta_scale if self.guard is not None else 1.0
+        for chunk, batch, old in zip(chunks, batches, olds):
+            for g in self.optimizer.param_groups:
+                g["lr"] = self._lr()
+            lp, ent = policy_logprobs(self.model, batch, entropy=True, entropy_grad=cfg.loss.entropy_coef > 0)
+            ref = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref = policy_logprobs(self.ref, batch)[0]
+            beta_B = torch.tensor([cfg.beta(samples[i].task.domain) * beta_scale for i in chunk], device=self.device)
+            loss, m = grpo_loss(lp, lp.detach() if old is None else old, adv[chunk].to(self.device), batch["mask"],
+                                cfg.loss, sampler_logps_BT=batch["sampler_logps"], ref_logps_BT=ref, beta_B=beta_B,
+                                entropy_BT=ent)
+            loss.backward()
+            m["grad_norm"] = clip_grads(self.optimizer)["main"]
+            if math.isfinite(m["grad_norm"]) and math.isfinite(m["loss"]):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v / len(chunks)
+        self.step += 1
+        if cfg.ref_refresh and self.ref is not None and self.step % cfg.ref_refresh == 0:
+            self.ref.load_state_dict(self.model.state_dict())
+            tmp = self.out / ".ref-tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.ref.save_pretrained(tmp)
+            shutil.rmtree(self.out / "ref", ignore_errors=True)
+            tmp.rename(self.out / "ref")
+        n_tok = sum(lengths)
+        logs.update(agg)
+        logs.update({"lr": self._lr(), "step_time": time.time() - t0, "rollout_time": t_roll,
+                     "tokens_per_s": n_tok / max(time.time() - t0, 1e-9), "num_samples_trained": len(keep)})
+        if not chunks:
+            logs.update({"loss": 0.0, "grad_norm": 0.0})
+        return logs
+
+    # ------------------------------------------------------------------ the run
+    def train(self, resume: bool = True, progress: bool = True) -> dict:
+        cfg, t_start = self.cfg, time.time()
+        if not (resume and self.resume()):
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+        if self.before is None:
+            self.before = self.evaluate_heldout()
+            self.metrics.log(self.step, {"eval_before/accuracy": self.before["accuracy"]})
+        if self.guard is not None and self.guard.good is None:
+            self.guard.start(self.step)
+        bar = _progress(cfg.steps, self.step) if progress else None
+        stopped = None
+        while self.step < cfg.steps:
+            if cfg.minutes and time.time() - t_start > 60 * cfg.minutes:
+                stopped = "time budget"
+                break
+            logs = self.train_step()
+            self.metrics.log(self.step, logs)
+            if bar is not None:
+                bar.n = self.step
+                bar.set_postfix(reward=f"{logs.get('reward/mean', float('nan')):.3f}")
+            if self.guard is not None:
+                d = self.guard.observe(self.step, logs)
+                if d.stop:
+                    stopped = "guard"
+                    break
+            if self.step % cfg.ckpt_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.save()
+        after = self.evaluate_heldout()
+        self.metrics.log(self.step, {"eval_after/accuracy": after["accuracy"]})
+        self.model.save_pretrained(self.out / "final")
+        summary = {"name": cfg.name, "before": self.before["accuracy"], "after": after["accuracy"],
+                   "before_detail": self.before, "after_detail": after, "steps": self.step, "stopped": stopped,
+                   "seconds": time.time() - t_start}
+        if self.guard is not None:
+            summary["guard"] = {"fired": self.guard.total_fired, "alarms": dict(self.guard.fired),
+                                "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale}
+        return summary
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, disable=None, dynamic_ncols=True, leave=False, desc="rl")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def parse_rl_overrides(rest: list[str]) -> dict:
+    """`--loss.beta=0.01` / `--guard.eval_every 5` / `--domains={"math":1}` -> {"loss.beta": 0.01, ...}."""
+    from ..train.stages import _value
+
+    out, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ValueError(f"unrecognized argument {arg!r}; RL overrides look like --loss.beta=0.001")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ValueError(f"{arg} needs a value, e.g. {arg}=1")
+            val, i = rest[i + 1], i + 1
+        out[key.replace("-", "_")] = _value(val)
+        i += 1
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from ..train.stages import build_model
+
+    p = argparse.ArgumentParser(prog="dsv32 rl", description="GRPO with V3.2's stability fixes and the guard")
+    p.add_argument("--preset", default="tiny-math", help="tiny-math, tiny-tool, tiny-hack, ... (dsv32/rl/presets.py)")
+    p.add_argument("--init-from", required=True, help="the SFT'd base: a Hugging Face directory or a run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--minutes", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--report", help="report.json to merge the results into (default OUT/report.json)")
+    p.add_argument("--no-resume", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    from .presets import get
+
+    overrides = parse_rl_overrides(rest)
+    for key in ("steps", "minutes", "seed"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    cfg = get(args.preset).replace(**overrides) if overrides else get(args.preset)
+    torch.manual_seed(cfg.seed)
+    model = build_model(init_from=args.init_from)
+    tok = ByteTokenizer()
+    if model.cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"--init-from: the model's vocab_size {model.cfg.vocab_size} is smaller than the byte "
+                         f"tokenizer's {tok.vocab_size}; RL needs a model trained on dsv32's chat format")
+    out = Path(args.out)
+    print(f"rl {cfg.name}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, {cfg.minibatches} "
+          f"minibatches, {cfg.steps} steps, domains {cfg.domains}, thinking={cfg.thinking}", flush=True)
+    with Metrics(out) as metrics:
+        trainer = GRPOTrainer(model, cfg, out, tok, metrics)
+        summary = trainer.train(resume=not args.no_resume)
+    report_path = Path(args.report) if args.report else out / "report.json"
+    rl_report.write(report_path, summary, metrics_file=out / "metrics.jsonl", guard_demo=cfg.guard_demo)
+    g = summary.get("guard")
+    print(f"rl {cfg.name}: held-out accuracy {summary['before']:.3f} -> {summary['after']:.3f} in {summary['steps']} "
+          f"steps ({summary['seconds'] / 60:.1f} min)" + (f"; guard fired {g['fired']}x, {g['rollbacks']} rollbacks"
+                                                           if g else "") + f"; model in {out / 'final'}, report "
+          f"{report_path}", flush=True)
+    return 0
