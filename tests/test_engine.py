@@ -232,3 +232,21 @@ def test_ragged_cache_multi_token_decode_and_resize(mode):
             assert (torch.cat(outs[b]) - full).abs().max() < 1e-4
     with pytest.raises(ValueError, match="doc_ids"):
         model(x, cache=cache.rows(0, 3, lengths=lengths), doc_ids=torch.zeros_like(x))
+
+
+def test_bench_serve_writes_json_and_markdown(tmp_path):
+    import json
+
+    from dsv32.serve import bench
+
+    assert bench.main(["--preset", "tiny", "--batches", "1,2", "--contexts", "8,70", "--steps", "1", "--warmup", "0",
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "serve.json").read_text())
+    cells = {(r["mode"], r["context"], r["batch"]) for r in data["results"]}
+    assert cells == {(m, c, b) for m in MODES for c in (8, 70) for b in (1, 2)}
+    assert all(r["decode_tok_s"] > 0 and r["prefill_s"] > 0 for r in data["results"])
+    assert data["meta"]["topk"] == 64  # the long context (70) exceeds it: sparse attention selects
+    md = (tmp_path / "serve.md").read_text()
+    assert "| sparse | 70 |" in md and "sparse/dense b2" in md
+    with pytest.raises(ValueError, match="--batches"):
+        bench.main(["--batches", "1,x", "--out", str(tmp_path)])

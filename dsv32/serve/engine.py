@@ -72,18 +72,28 @@ class _Request:
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 32, max_len: int | None = None, eos_id: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None, max_prefill_tokens: int = 8192):
+                 decode: Callable[[list[int]], str] | None = None, vocab_limit: int | None = None,
+                 max_prefill_tokens: int = 8192):
+        """max_len: context per request (default the model's max_seq_len); eos_id: always a stop token;
+        decode: ids -> text, needed for stop strings; vocab_limit: sample only ids below it (the tokenizer's
+        vocabulary when the model's embedding is padded past it; the kept sets then exclude those ids);
+        max_prefill_tokens: padded prompt tokens prefilled together in one step (at least one request)."""
         if max_batch < 1:
             raise ValueError(f"Engine max_batch={max_batch} must be >= 1")
         limit = model.cfg.max_seq_len
         if max_len is not None and not 1 < max_len <= limit:
             raise ValueError(f"Engine max_len={max_len} must be in [2, the model's max_seq_len={limit}]")
         self.model, self.max_batch, self.max_len = model, max_batch, max_len or limit
+        if vocab_limit is not None and not 0 < vocab_limit <= model.cfg.vocab_size:
+            raise ValueError(f"Engine vocab_limit={vocab_limit} must be in [1, the model's vocab_size="
+                             f"{model.cfg.vocab_size}]; is the tokenizer larger than the model's vocabulary?")
         self.eos_id, self.decode, self.max_prefill_tokens = eos_id, decode, max_prefill_tokens
+        self.vocab_limit = vocab_limit
         self.cache = None
         self.waiting: list[_Request] = []
         self.running: list[_Request] = []  # running[i] owns cache row i
         self._ids = itertools.count()
+        self.peak_running = 0  # the most requests decoded together so far (observability, tests)
 
     @property
     def vocab_size(self) -> int:
@@ -99,9 +109,9 @@ class Engine:
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate within the context of "
                              f"{self.max_len} tokens; shorten the prompt")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        bad = [t for t in prompt if not 0 <= t < (self.vocab_limit or self.vocab_size)]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_limit or self.vocab_size})")
         if params.stop and self.decode is None:
             raise ValueError("stop strings need a decode function: Engine(model, decode=tokenizer.decode)")
         dev = self._device()
@@ -242,10 +252,13 @@ class Engine:
                     if route is not None:
                         r.routes[layer].append(route[b, : lens[b]])
         self.running.extend(new)
+        self.peak_running = max(self.peak_running, len(self.running))
         self._sample(new, logits_NV, events)
 
     def _sample(self, reqs: list[_Request], logits_NV: torch.Tensor, events: list[StepEvent]) -> None:
         params = [r.params for r in reqs]
+        if self.vocab_limit is not None and self.vocab_limit < logits_NV.shape[1]:
+            logits_NV[:, self.vocab_limit:] = float("-inf")
         lp_NV, kept_NV = process_logits(logits_NV, params)
         tok_N = sample(lp_NV, [r.generator for r in reqs], [p.temperature == 0 for p in params])
         lp_N = lp_NV.gather(1, tok_N[:, None]).squeeze(1)
