@@ -13,6 +13,9 @@
                                (--model DIR --lengths 512,1024 [--n 8] [--out FILE.json])
     dsv32 rl                   GRPO with the V3.2 fixes and the divergence guard (--preset tiny-math --init-from DIR
                                 --out DIR [--steps N --minutes M --loss.beta=0.001 ...]; writes OUT/final/, report.json)
+    dsv32 serve --model DIR    OpenAI-compatible server (--host 127.0.0.1 --port 8000 --api-key K --max-batch 32)
+    dsv32 chat --model DIR     terminal chat, streaming; /think toggles thinking, /reset, /exit
+    dsv32 bench serve          decode tokens/s at batch 1, 8, 32, dense and sparse, short and long context
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("eval", help="evaluations: `dsv32 eval long-context --model DIR --lengths 512,1024`",
                    add_help=False)
     sub.add_parser("rl", help="GRPO: `dsv32 rl --preset tiny-math --init-from DIR --out DIR`", add_help=False)
+    sub.add_parser("serve", help="OpenAI-compatible server: `dsv32 serve --model DIR`", add_help=False)
+    sub.add_parser("chat", help="terminal chat: `dsv32 chat --model DIR`", add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "demo":
@@ -93,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             return stages.main(args.command, rest)
         if args.command == "eval":
             return _eval(rest)
+        if args.command == "serve":
+            from .serve import server
+
+            return server.main(rest)
+        if args.command == "chat":
+            from .serve import chat_cli
+
+            return chat_cli.main(rest)
         if args.command == "rl":
             from .rl import trainer
 
