@@ -26,7 +26,8 @@ from conftest import make_config
 from dsv32 import Transformer
 from dsv32.data.tokenizer import ByteTokenizer
 from dsv32.serve import chat_cli
-from dsv32.serve.server import TextStream, build, create_app
+from dsv32.serve.server import build, create_app
+from dsv32.serve.tokenizers import TextStream
 
 TOK = ByteTokenizer()
 KEY = "test-key"
@@ -243,13 +244,16 @@ def test_sixteen_concurrent_requests_are_batched_and_correct(server):
     engine.peak_running = max(engine.peak_running, peak_before)
 
 
-def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
     s = TextStream(TOK.decode, ("END",), skip_special=True)
     pieces = [s.push(t) for t in "é".encode() + b"xEN"]
     assert pieces == ["", "é", "x", "", ""]  # half of é held back; "E", "EN" might start "END"
-    assert s.push(ord("D")) == "" and s.finish("END") == "" and s.full("END") == "éx"
+    assert s.push(ord("D")) == "" and s.finish() == "" and s.text == "éx"  # the stop string is never sent
     s = TextStream(TOK.decode, ("END",), skip_special=True)
-    assert [s.push(t) for t in b"EX"] == ["", "EX"] and s.finish(None) == ""  # released once it is not "END"
+    assert [s.push(t) for t in b"EX"] == ["", "EX"] and s.finish() == ""  # released once it is not "END"
+    s = TextStream(TOK.decode, skip_special=False)
+    assert [s.push(t) for t in [*b"a", 257, 0xC3]] == ["a", "<｜end▁of▁sentence｜>", ""]
+    assert s.finish() == "\ufffd" and s.text == "a<｜end▁of▁sentence｜>\ufffd"  # a cut character, at the end
 
 
 def test_chat_repl(server):
@@ -276,3 +280,50 @@ def test_n_choices_seeds_and_logprobs(server):
                for s in (1, 1)]
     assert sampled[0].choices[0].text == sampled[1].choices[0].text == "rstu"  # the table leaves ~no randomness
     assert all(lp <= 0 for lp in sampled[0].choices[0].logprobs.token_logprobs)
+
+
+def test_load_tokenizer_hf_and_byte(tmp_path):
+    """A model directory with a Hugging Face tokenizer gets it (built here with `tokenizers`, no download);
+    one without gets the byte tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsv32.data import chat
+    from dsv32.data.tokenizer import SPECIALS
+    from dsv32.serve.tokenizers import HFTokenizer, load_tokenizer
+
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, the quick brown fox"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(ValueError, match="eos_token"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIALS[1], "bos_token": SPECIALS[0]}))
+    hf = load_tokenizer(tmp_path)
+    assert isinstance(hf, HFTokenizer) and hf.eos_id == tok.token_to_id(SPECIALS[1])
+    ids = chat.encode_prompt([{"role": "user", "content": "hello fox"}], hf, thinking=True)
+    assert ids[0] == tok.token_to_id(SPECIALS[0]) and ids[-1] == tok.token_to_id("<think>")
+    assert hf.decode(ids) == chat.render([{"role": "user", "content": "hello fox"}], thinking=True)
+    assert hf.decode(ids, skip_special=True) == "hello fox"
+
+
+def test_client_leaving_a_stream_aborts_its_request(server):
+    engine = server["engine"]
+    aborted, original = [], engine.abort
+    engine.abort = lambda rid: (original(rid), aborted.append(rid))[0]  # recorded once done
+    try:
+        stream = server["client"].completions.create(model=NAME, prompt="a", max_tokens=MAX_LEN - 2, temperature=0,
+                                                     stream=True)
+        got = [next(stream).choices[0].text for _ in range(3)]
+        stream.close()
+        assert "".join(got) == "bcd"
+        deadline = time.time() + 20
+        while not aborted and time.time() < deadline:
+            time.sleep(0.02)
+        assert aborted, "the request kept running after its client left"
+    finally:
+        engine.abort = original

@@ -16,7 +16,7 @@ from typing import Callable, TextIO
 from ..data import chat
 from .engine import Engine
 from .sampling import SamplingParams
-from .server import TextStream
+from .tokenizers import TextStream
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -67,11 +67,11 @@ def answer(engine: Engine, tokenizer, messages: list[dict], *, thinking: bool, p
                     continue
                 printer.write(parser.feed(stream.push(ev.token_id)))
                 if ev.completion is not None:
-                    printer.write(parser.feed(stream.finish(ev.completion.stop_reason)) + parser.finish())
+                    printer.write(parser.feed(stream.finish()) + parser.finish())
                     done = True
     except KeyboardInterrupt:
         engine.abort(rid)
-        printer.write(parser.feed(stream.finish(None)) + parser.finish())
+        printer.write(parser.feed(stream.finish()) + parser.finish())
     printer.end()
     return parser.result()
 

@@ -183,11 +183,11 @@ class Engine:
             ids_BT = torch.zeros(len(chunk), T, dtype=torch.long, device=dev)
             for b, i in enumerate(chunk):
                 ids_BT[b, : len(sequences[i])] = torch.tensor(list(sequences[i]), device=dev)
-            lp_BTV = torch.log_softmax(self.model(ids_BT).float(), dim=-1)
-            for b, i in enumerate(chunk):
+            h_BTd = self.model.hidden(ids_BT)
+            for b, i in enumerate(chunk):  # the LM head only where a scored token is predicted: [n - p, V]
                 n, p = len(sequences[i]), prompt_lens[i]
-                targets = ids_BT[b, p:n]
-                out[i] = lp_BTV[b, p - 1:n - 1].gather(1, targets[:, None]).squeeze(1).cpu()
+                lp_tV = torch.log_softmax(self.model.head(h_BTd[b, p - 1:n - 1]).float(), dim=-1)
+                out[i] = lp_tV.gather(1, ids_BT[b, p:n, None]).squeeze(1).cpu()
         return out
 
     # -- internals -------------------------------------------------------------------------

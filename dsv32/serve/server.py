@@ -4,7 +4,7 @@
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
-    r = client.chat.completions.create(model="DIR's name", messages=[{"role": "user", "content": "hi"}],
+    r = client.chat.completions.create(model="<DIR's name>", messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"chat_template_kwargs": {"thinking": True}})
     r.choices[0].message.reasoning_content, r.choices[0].message.content
 
@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data import chat
 from .engine import Engine, StepEvent
 from .sampling import SamplingParams
+from .tokenizers import TextStream
 
 
 class APIError(Exception):
@@ -87,63 +88,26 @@ class EngineLoop:
                 self.queues[rid] = queue
                 fut.set_result(rid)
             while self.aborts:
-                rid = self.aborts.pop()
-                if self.queues.pop(rid, None) is not None:
+                if self.queues.pop(rid := self.aborts.pop(), None) is not None:
                     self.engine.abort(rid)
             if not self.engine.has_work():
                 continue
             try:
                 events = await asyncio.to_thread(self.engine.step)
             except Exception as e:  # noqa: BLE001 -- fail the requests in flight, keep serving
-                for rid, queue in list(self.queues.items()):
+                for rid, queue in self.queues.items():
                     self.engine.abort(rid)
                     queue.put_nowait(APIError(500, f"generation failed: {e!r}", type_="server_error"))
                 self.queues.clear()
                 continue
             for ev in events:
-                queue = self.queues.get(ev.request_id)
-                if queue is not None:
+                if (queue := self.queues.get(ev.request_id)) is not None:
                     queue.put_nowait(ev)
                     if ev.completion is not None:
                         del self.queues[ev.request_id]
 
 
-class TextStream:
-    """Incremental text of one choice: releases only text that is final (no half UTF-8 character at the
-    end, no possible start of a stop string); `finish` cuts the text at the stop string that ended it."""
-
-    def __init__(self, decode, stops: tuple[str, ...], skip_special: bool):
-        self.decode, self.stops, self.skip = decode, stops, skip_special
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def _text(self) -> str:
-        return self.decode(self.ids, skip_special=self.skip)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self._text().rstrip("\ufffd")
-        hits = [text.index(s) for s in self.stops if s in text]
-        if hits:  # the engine stops here; the stop string itself is never sent
-            text = text[: min(hits)]
-        hold = 0 if hits else max([k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])],
-                                  default=0)
-        safe = max(self.sent, len(text) - hold)
-        piece, self.sent = text[self.sent:safe], safe
-        return piece
-
-    def finish(self, stop_reason) -> str:
-        """The rest of the text; `full()` is then the whole of it."""
-        text = self.full(stop_reason)
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-    def full(self, stop_reason=None) -> str:
-        text = self._text()
-        if isinstance(stop_reason, str) and stop_reason in text:
-            text = text[: text.index(stop_reason)]
-        return text
-
+# -- request fields --------------------------------------------------------------------------
 
 def _field(body: dict, name: str, kinds: tuple, default=None):
     value = body.get(name, default)
@@ -173,8 +137,8 @@ def _sampling(body: dict, prompt_len: int, max_len: int, n_choice: int) -> Sampl
     """OpenAI (+ vLLM extension) sampling fields -> SamplingParams; 400 naming the field when wrong."""
     if prompt_len >= max_len:
         raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {max_len} tokens, "
-                            "which leaves no room to generate: shorten the prompt", "messages",
-                       "context_length_exceeded")
+                            "which leaves no room to generate: shorten the prompt",
+                       "messages" if "messages" in body else "prompt", "context_length_exceeded")
     room = max_len - prompt_len
     max_tokens = _field(body, "max_completion_tokens", (int,), _field(body, "max_tokens", (int,), room))
     if max_tokens < 1:
@@ -184,7 +148,6 @@ def _sampling(body: dict, prompt_len: int, max_len: int, n_choice: int) -> Sampl
             raise APIError(400, f"'{name}' is not supported by dsv32 serve; leave it 0", name)
     if _field(body, "logit_bias", (dict,), {}):
         raise APIError(400, "'logit_bias' is not supported by dsv32 serve", "logit_bias")
-    stop = _stops(body)
     stop_ids = _field(body, "stop_token_ids", (list,), [])
     if not all(isinstance(t, int) for t in stop_ids):
         raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
@@ -194,12 +157,47 @@ def _sampling(body: dict, prompt_len: int, max_len: int, n_choice: int) -> Sampl
             temperature=float(_field(body, "temperature", (int, float), 1.0)),
             top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=max(0, _field(body, "top_k", (int,), 0)),
             min_p=float(_field(body, "min_p", (int, float), 0.0)), max_tokens=min(max_tokens, room),
-            stop=tuple(stop), stop_token_ids=tuple(stop_ids), seed=None if seed is None else seed + n_choice,
+            stop=_stops(body), stop_token_ids=tuple(stop_ids), seed=None if seed is None else seed + n_choice,
             logprobs=_wants_logprobs(body))
     except ValueError as e:  # SamplingParams names the field: "SamplingParams.top_p=..."
         param = str(e).split("=")[0].removeprefix("SamplingParams.")
         raise APIError(400, str(e).replace("SamplingParams.", ""), param) from e
 
+
+class Choice:
+    """One choice of a response: its text as it streams, parsed into reasoning/content/tool calls for chat."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], thinking: bool | None, call_ids: str = "call_"):
+        self.text = TextStream(tokenizer.decode, stops, skip_special=thinking is None)
+        self.parser = None if thinking is None else chat.StreamParser(thinking=thinking, id_prefix=call_ids)
+        self.completion = None
+
+    def step(self, ev: StepEvent) -> list[tuple[str, str]]:
+        """New ("text" | "reasoning" | "content" | "tool_call", str) pieces for this token."""
+        piece = self.text.push(ev.token_id)
+        if ev.completion is not None:
+            self.completion = ev.completion
+            piece += self.text.finish()
+        if self.parser is None:
+            return [("text", piece)] if piece else []
+        return self.parser.feed(piece) + (self.parser.finish() if ev.completion is not None else [])
+
+    def finish_reason(self) -> str:
+        if self.completion.finish_reason == "length":
+            return "length"
+        return "tool_calls" if self.parser is not None and self.parser.calls else "stop"
+
+    def message(self) -> dict:
+        parsed = self.parser.result()
+        msg = {"role": "assistant", "content": parsed["content"] or (None if parsed["tool_calls"] else "")}
+        if parsed["reasoning_content"] is not None:
+            msg["reasoning_content"] = parsed["reasoning_content"]
+        if parsed["tool_calls"]:
+            msg["tool_calls"] = parsed["tool_calls"]
+        return msg
+
+
+# -- the app ---------------------------------------------------------------------------------
 
 def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
                default_thinking: bool = False) -> FastAPI:
@@ -208,31 +206,21 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | Non
 
     @asynccontextmanager
     async def lifespan(app):
-        loop = EngineLoop(engine)
-        state["loop"] = loop
-        task = asyncio.create_task(loop.run())
+        state["loop"] = EngineLoop(engine)
+        task = asyncio.create_task(state["loop"].run())
         yield
         task.cancel()
 
     app = FastAPI(title="dsv32", lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return APIError(exc.status_code, str(exc.detail), code=None).response()
-
-    @app.exception_handler(Exception)
-    async def _server_error(request, exc):
-        return APIError(500, f"internal error: {exc!r}", type_="server_error").response()
+    app.add_exception_handler(APIError, lambda request, exc: exc.response())
+    app.add_exception_handler(StarletteHTTPException,
+                              lambda request, exc: APIError(exc.status_code, str(exc.detail)).response())
+    app.add_exception_handler(Exception, lambda request, exc: APIError(
+        500, f"internal error: {exc!r}", type_="server_error").response())
 
     def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
+        if api_key is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                           f"Bearer {api_key}".encode()):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -244,51 +232,101 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | Non
             raise APIError(400, f"the request body is not valid JSON: {e}") from e
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if model != model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                           "model", "model_not_found")
-        n = _field(body, "n", (int,), 1)
-        if not 1 <= n <= engine.max_batch:
-            raise APIError(400, f"'n' must be in [1, {engine.max_batch}], got {n}", "n")
+        if body.get("model") != model_name:
+            raise APIError(404, f"the model {body.get('model')!r} does not exist; this server serves "
+                                f"{model_name!r}", "model", "model_not_found")
+        if not 1 <= _field(body, "n", (int,), 1) <= engine.max_batch:
+            raise APIError(400, f"'n' must be in [1, {engine.max_batch}]", "n")
         return body
 
-    def token_logprobs(ids: list[int], lps: list[float]) -> list[dict]:
-        out = []
-        for t, lp in zip(ids, lps):
-            s = tokenizer.decode([t])
-            out.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
-        return out
-
-    async def start(prompt: list[int], body: dict) -> tuple[list[int], asyncio.Queue]:
+    async def run(prompt: list[int], body: dict, choices: list[Choice]):
+        """Submit one request per choice; yield (choice index, its new pieces) until all finished. A client
+        that goes away (the generator is closed) aborts what is left."""
         queue: asyncio.Queue = asyncio.Queue()
-        rids = []
-        for i in range(body.get("n") or 1):
-            params = _sampling(body, len(prompt), engine.max_len, i)
-            rids.append(await state["loop"].submit(prompt, params, queue))
-        return rids, queue
-
-    async def events(rids: list[int], queue: asyncio.Queue):
-        """(choice index, StepEvent) until every choice finished; aborts what is left if the client leaves."""
-        index, left = {rid: i for i, rid in enumerate(rids)}, set(rids)
+        rids, left = [], set()
         try:
+            for i in range(len(choices)):
+                rids.append(await state["loop"].submit(prompt, _sampling(body, len(prompt), engine.max_len, i), queue))
+                left.add(rids[-1])
+            index = {rid: i for i, rid in enumerate(rids)}
             while left:
                 ev = await queue.get()
                 if isinstance(ev, APIError):
                     raise ev
                 if ev.completion is not None:
                     left.discard(ev.request_id)
-                yield index[ev.request_id], ev
+                yield index[ev.request_id], choices[index[ev.request_id]].step(ev)
         finally:
             for rid in left:
                 state["loop"].abort(rid)
 
-    def usage(prompt: list[int], completions: dict) -> dict:
-        n_out = sum(len(c.token_ids) for c in completions.values())
+    def usage(prompt: list[int], choices: list[Choice]) -> dict:
+        n_out = sum(len(c.completion.token_ids) for c in choices)
         return {"prompt_tokens": len(prompt), "completion_tokens": n_out, "total_tokens": len(prompt) + n_out}
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    def logprobs(c: Choice, chat_format: bool) -> dict | None:
+        if c.completion.logprobs is None:
+            return None
+        toks = [tokenizer.decode([t]) for t in c.completion.token_ids]
+        if chat_format:
+            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
+                                for s, lp in zip(toks, c.completion.logprobs)]}
+        return {"tokens": toks, "token_logprobs": c.completion.logprobs, "top_logprobs": None, "text_offset": []}
+
+    async def respond(prompt: list[int], body: dict, choices: list[Choice], is_chat: bool):
+        rid, created = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion" if is_chat else "text_completion", "created": created,
+                "model": model_name}
+        gen = run(prompt, body, choices)
+        first = await anext(gen)  # errors of the request itself (400s) surface before any response is sent
+        if not body.get("stream"):
+            async for _ in gen:
+                pass
+            out = []
+            for i, c in enumerate(choices):
+                text = {"message": c.message()} if is_chat else {"text": c.text.text}
+                out.append({"index": i, **text, "logprobs": logprobs(c, is_chat), "finish_reason": c.finish_reason()})
+            return {**head, "choices": out, "usage": usage(prompt, choices)}
+
+        head["object"] = "chat.completion.chunk" if is_chat else "text_completion"
+        include_usage = bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
+
+        def sse(choice: dict | None = None, **extra) -> str:
+            return f"data: {json.dumps({**head, 'choices': [] if choice is None else [choice], **extra})}\n\n"
+
+        def chunks(i: int, pieces: list[tuple[str, str]]):
+            c = choices[i]
+            for kind, text in pieces:
+                if kind == "text":
+                    yield sse({"index": i, "text": text, "logprobs": None, "finish_reason": None})
+                elif kind == "tool_call":
+                    delta = {"tool_calls": [{"index": len(c.parser.calls) - 1, **json.loads(text)}]}
+                    yield sse({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
+                else:
+                    delta = {"reasoning_content" if kind == "reasoning" else "content": text}
+                    yield sse({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
+            if c.completion is not None:
+                end = {"delta": {}} if is_chat else {"text": ""}
+                yield sse({"index": i, **end, "logprobs": logprobs(c, is_chat), "finish_reason": c.finish_reason()})
+
+        async def stream():
+            try:
+                if is_chat:
+                    for i in range(len(choices)):
+                        yield sse({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None})
+                for piece in chunks(*first):
+                    yield piece
+                async for i, pieces in gen:
+                    for piece in chunks(i, pieces):
+                        yield piece
+                if include_usage:
+                    yield sse(None, usage=usage(prompt, choices))
+                yield "data: [DONE]\n\n"
+            finally:  # also when the client went away: abort what is still generating
+                await gen.aclose()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.get("/health")
     async def health():
@@ -303,145 +341,31 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | Non
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        kwargs = _field(body, "chat_template_kwargs", (dict,), {})
-        thinking = kwargs.get("thinking", default_thinking)
+        thinking = (_field(body, "chat_template_kwargs", (dict,), {}) or {}).get("thinking", default_thinking)
         if not isinstance(thinking, bool):
             raise APIError(400, "chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
-        tools = _field(body, "tools", (list,), None)
-        if body.get("tool_choice") == "none":
-            tools = None
+        tools = None if body.get("tool_choice") == "none" else _field(body, "tools", (list,), None)
         try:
             prompt = chat.encode_prompt(body.get("messages"), tokenizer, thinking=thinking, tools=tools)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from e
-        rids, queue = await start(prompt, body)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        want_lp = _wants_logprobs(body)
-        streams = [TextStream(tokenizer.decode, _stops(body), False) for _ in rids]
-        parsers = [chat.StreamParser(thinking=thinking, id_prefix=f"call_{cid[9:21]}_{i}_") for i in range(len(rids))]
-
-        def finish_reason(i, c) -> str:
-            if c.finish_reason == "length":
-                return "length"
-            return "tool_calls" if parsers[i].calls else "stop"
-
-        if not body.get("stream"):
-            done = {}
-            async for i, ev in events(rids, queue):
-                if ev.completion is not None:
-                    done[i] = ev.completion
-                    streams[i].ids = list(ev.completion.token_ids)
-            choices = []
-            for i in range(len(rids)):
-                c = done[i]
-                parsers[i].feed(streams[i].full(c.stop_reason))
-                parsers[i].finish()
-                parsed = parsers[i].result()
-                msg = {"role": "assistant", "content": parsed["content"] or (None if parsed["tool_calls"] else "")}
-                if parsed["reasoning_content"] is not None:
-                    msg["reasoning_content"] = parsed["reasoning_content"]
-                if parsed["tool_calls"]:
-                    msg["tool_calls"] = parsed["tool_calls"]
-                lp = {"content": token_logprobs(c.token_ids, c.logprobs)} if want_lp else None
-                choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish_reason(i, c)})
-            return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage(prompt, done)}
-
-        include_usage = bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-
-        def chunk(i, delta, finish=None, lp=None):
-            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
-
-        def deltas(i, parsed_events) -> list[str]:
-            out = []
-            for kind, text in parsed_events:
-                if kind == "tool_call":
-                    call = json.loads(text)
-                    out.append(chunk(i, {"tool_calls": [{"index": len(parsers[i].calls) - 1, **call}]}))
-                else:
-                    out.append(chunk(i, {"reasoning_content" if kind == "reasoning" else "content": text}))
-            return out
-
-        async def stream():
-            done = {}
-            for i in range(len(rids)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            async for i, ev in events(rids, queue):
-                lp = None
-                for piece in deltas(i, parsers[i].feed(streams[i].push(ev.token_id))):
-                    yield piece
-                if ev.completion is not None:
-                    c = done[i] = ev.completion
-                    for piece in deltas(i, parsers[i].feed(streams[i].finish(c.stop_reason)) + parsers[i].finish()):
-                        yield piece
-                    if want_lp:
-                        lp = {"content": token_logprobs(c.token_ids, c.logprobs)}
-                    yield chunk(i, {}, finish_reason(i, c), lp)
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                           "choices": [], "usage": usage(prompt, done)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        tag = uuid.uuid4().hex[:12]
+        choices = [Choice(tokenizer, _stops(body), thinking, f"call_{tag}_{i}_") for i in range(body.get("n") or 1)]
+        return await respond(prompt, body, choices, is_chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
         prompt = body.get("prompt")
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and prompt:
             ids = tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = prompt
         else:
-            raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-        if not ids:
-            raise APIError(400, "'prompt' is empty", "prompt")
-        rids, queue = await start(ids, body)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = [TextStream(tokenizer.decode, _stops(body), True) for _ in rids]
-        want_lp = _wants_logprobs(body)
-
-        def lp_obj(c):
-            if not want_lp:
-                return None
-            toks = [tokenizer.decode([t]) for t in c.token_ids]
-            return {"tokens": toks, "token_logprobs": c.logprobs, "top_logprobs": None, "text_offset": []}
-
-        if not body.get("stream"):
-            done = {}
-            async for i, ev in events(rids, queue):
-                if ev.completion is not None:
-                    done[i] = ev.completion
-                    streams[i].ids = list(ev.completion.token_ids)
-            choices = [{"index": i, "text": streams[i].full(done[i].stop_reason), "logprobs": lp_obj(done[i]),
-                        "finish_reason": "length" if done[i].finish_reason == "length" else "stop"}
-                       for i in range(len(rids))]
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage(ids, done)}
-
-        include_usage = bool((_field(body, "stream_options", (dict,), {}) or {}).get("include_usage"))
-
-        def chunk(i, text, finish=None, lp=None):
-            return sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                        "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
-
-        async def stream():
-            done = {}
-            async for i, ev in events(rids, queue):
-                piece = streams[i].push(ev.token_id)
-                if ev.completion is not None:
-                    c = done[i] = ev.completion
-                    piece += streams[i].finish(c.stop_reason)
-                    yield chunk(i, piece, "length" if c.finish_reason == "length" else "stop", lp_obj(c))
-                elif piece:
-                    yield chunk(i, piece)
-            if include_usage:
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                           "choices": [], "usage": usage(ids, done)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+            raise APIError(400, "'prompt' must be a non-empty string or list of token ids (one prompt per request)",
+                           "prompt")
+        choices = [Choice(tokenizer, _stops(body), None) for _ in range(body.get("n") or 1)]
+        return await respond(ids, body, choices, is_chat=False)
 
     return app
 
@@ -458,8 +382,8 @@ def build(model_dir: str, *, max_batch: int = 32, max_len: int | None = None, de
         raise ValueError(f"{model_dir}: no config.json; --model takes a Hugging Face checkpoint directory "
                          "(e.g. runs/demo/final or a DeepSeek-V3.2 download)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = None if dtype is None else getattr(torch, dtype)
-    model = Transformer.from_pretrained(model_dir, dtype=torch_dtype, device=device).eval()
+    model = Transformer.from_pretrained(model_dir, dtype=None if dtype is None else getattr(torch, dtype),
+                                        device=device).eval()
     tok = load_tokenizer(model_dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model only "
@@ -494,6 +418,3 @@ def main(argv: list[str]) -> int:
           f"context {engine.max_len})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
-
-
-__all__ = ["APIError", "EngineLoop", "StepEvent", "TextStream", "build", "create_app", "main"]

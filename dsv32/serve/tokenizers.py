@@ -57,3 +57,50 @@ def load_tokenizer(model_dir: str | Path) -> ByteTokenizer | HFTokenizer:
         raise ValueError(f"{path}: could not load its Hugging Face tokenizer ({e}); fix or remove "
                          f"{' / '.join(HF_FILES)} to fall back to dsv32's byte tokenizer") from e
     return HFTokenizer(tok, str(path))
+
+
+class TextStream:
+    """Incremental detokenisation of one generation: `push(token)` returns the text that became final (never
+    half a UTF-8 character, never a possible start of a stop string, nothing from a stop string on);
+    `finish()` returns the rest. Only a short window of ids is decoded per token (vLLM's offsets scheme)."""
+
+    def __init__(self, decode, stops: tuple[str, ...] = (), skip_special: bool = False):
+        self.decode, self.stops, self.skip = decode, stops, skip_special
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to text already taken; read: end of final text
+        self.pending = ""  # final text not released yet (a possible stop-string start)
+        self.text = ""  # everything released
+        self.stopped = False
+
+    def _advance(self, force: bool) -> None:
+        new = self.decode(self.ids[self.prefix:], skip_special=self.skip)
+        if new.endswith("\ufffd") and not force:
+            return  # a multi-byte character is not complete yet
+        prev = self.decode(self.ids[self.prefix:self.read], skip_special=self.skip)
+        self.pending += new[len(prev):]
+        self.prefix, self.read = self.read, len(self.ids)
+
+    def _release(self, final: bool) -> str:
+        hits = [self.pending.index(s) for s in self.stops if s in self.pending]
+        if hits:
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+        else:
+            hold = 0 if final else max([k for s in self.stops for k in range(1, len(s))
+                                        if self.pending.endswith(s[:k])], default=0)
+            cut = len(self.pending) - hold
+            out, self.pending = self.pending[:cut], self.pending[cut:]
+        self.text += out
+        return out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        if self.stopped:
+            return ""
+        self._advance(force=False)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self._advance(force=True)
+        return self._release(final=True)
