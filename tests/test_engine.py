@@ -175,8 +175,12 @@ def test_abort_frees_the_row():
     partial = engine.abort(a)
     assert partial.finish_reason == "abort" and len(partial.token_ids) == 2
     assert [r.rid for r in engine.running] == [b]
+    with pytest.raises(ValueError, match="running"):
+        engine.release()
     done = [e.completion for _ in range(10) for e in engine.step() if e.completion is not None]
     assert len(done) == 1 and done[0].request_id == b and len(done[0].token_ids) == 6
+    engine.release()
+    assert engine.cache is None and len(engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0].token_ids) == 2
 
 
 def test_engine_sees_in_place_weight_updates():

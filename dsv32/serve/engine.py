@@ -139,6 +139,13 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def release(self) -> None:
+        """Give the KV cache's memory back while idle (e.g. to the trainer between rollouts); the next
+        step allocates a new one."""
+        if self.running:
+            raise ValueError(f"{len(self.running)} requests are running; abort or finish them before release()")
+        self.cache = None
+
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
         """One decode step for every running request, then admit and prefill waiting ones."""
@@ -153,7 +160,8 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
-        """Generate for every prompt (continuous batching inside); completions in prompt order."""
+        """Generate for every prompt (continuous batching inside); completions in prompt order. It drives
+        `step()` itself: other users of the incremental API would lose their events meanwhile."""
         per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per) != len(prompts):
             raise ValueError(f"{len(per)} SamplingParams for {len(prompts)} prompts; give one, or one per prompt")
