@@ -254,3 +254,12 @@ def test_bench_serve_writes_json_and_markdown(tmp_path):
     assert "| sparse | 70 |" in md and "sparse/dense b2" in md
     with pytest.raises(ValueError, match="--batches"):
         bench.main(["--batches", "1,x", "--out", str(tmp_path)])
+
+
+def test_fp8_index_key_cache_through_the_engine():
+    model = Transformer(make_config(**{"indexer.quant": "fp8_sim", "indexer.cache_fp8": True}))
+    model = scale_weights(model, std=0.2).eval().set_attn_mode("sparse")
+    ps = prompts()
+    outs = Engine(model, max_batch=3).generate(ps, SamplingParams(max_tokens=12, logprobs=True, seed=1))
+    for p, c in zip(ps, outs):
+        assert (torch.tensor(c.logprobs) - full_logprobs(model, p, c.token_ids)).abs().max() < 1e-4

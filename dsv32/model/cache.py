@@ -34,7 +34,11 @@ class LayerCache:
             (torch.arange(kv.shape[0], device=kv.device)[:, None], pos_BT)
         self.kv[at] = kv
         self.pe[at] = pe
-        self.index_k[at] = index_k.to(self.index_k.dtype)
+        key = index_k.to(self.index_k.dtype)
+        if pos_BT is not None and self.index_k.element_size() == 1:  # FP8: scatter the bytes (index_put
+            self.index_k.view(torch.uint8)[at] = key.view(torch.uint8)  # lacks float8 kernels on some builds)
+        else:
+            self.index_k[at] = key
         if self.index_scale is not None:
             self.index_scale[at] = index_scale
         return (self.kv[:, :end], self.pe[:, :end], self.index_k[:, :end],
