@@ -8,6 +8,7 @@ terminal chat.
 
 from .engine import Completion, Engine, StepEvent
 from .sampling import KeptSets, SamplingParams, logprobs_over_kept, process_logits, sample
+from .tokenizers import TextStream, load_tokenizer
 
-__all__ = ["Completion", "Engine", "KeptSets", "SamplingParams", "StepEvent", "logprobs_over_kept",
-           "process_logits", "sample"]
+__all__ = ["Completion", "Engine", "KeptSets", "SamplingParams", "StepEvent", "TextStream", "load_tokenizer",
+           "logprobs_over_kept", "process_logits", "sample"]
