@@ -172,3 +172,49 @@ def test_dataset_resumes_at_the_exact_next_batch():
     assert sorted(map(tuple, epoch0.tolist())) == sorted(map(tuple, epoch1.tolist()))
     with pytest.raises(ValueError, match="saved for"):
         PackedDataset(ds.input_ids_NL[:2], ds.doc_ids_NL[:2]).load_state_dict(state)
+
+
+def test_retrieval_documents_vary_in_length_and_weights_follow_the_answers():
+    from dsv32.data.corpus import retrieval_documents
+
+    docs = retrieval_documents(3, 25, 256, 700)
+    assert {d.kind for d in docs} == {"passkey", "kv_recall", "multihop"}
+    assert all(256 <= len(d.text) <= 700 for d in docs) and len({len(d.text) for d in docs}) > 10
+    assert [d.text for d in docs] == [d.text for d in retrieval_documents(3, 25, 256, 700)]
+    ds = PackedDataset.from_documents(docs + ["plain text, weight one"], TOK, seq_len=1000, seed=0, answer_weight=4.0)
+    # Every answer token weighs 4 and nothing else does: total weight = tokens + 3 * answer tokens.
+    n_answer = sum(b - a for d in docs for a, b in d.answers)
+    n_tokens = sum(len(d.text) + 1 for d in docs) + len("plain text, weight one") + 1
+    assert ds.weights_NL.sum().item() == pytest.approx(n_tokens + 3 * n_answer)
+    batch = next(ds.batches(2))
+    w, labels = batch["loss_weights"], batch["labels"]
+    assert w.shape == labels.shape and bool((w[labels == -100] == 0).all())
+    assert set(w[labels != -100].unique().tolist()) <= {1.0, 4.0}
+    # The answer digits are exactly the labels that weigh 4.
+    digits = {ord(c) for c in "0123456789"} | {ord(c) for c in "abcdefghijklmnopqrstuvwxyz"}
+    assert all(t in digits for t in labels[w == 4].tolist())
+
+
+def test_weighted_cross_entropy_reduces_to_the_plain_mean():
+    from dsv32.train.loop import cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 0] = -100
+    plain = cross_entropy(logits, {"labels": labels})
+    assert cross_entropy(logits, {"labels": labels, "loss_weights": torch.ones(2, 5)}).item() == pytest.approx(plain.item())
+    w = torch.ones(2, 5)
+    w[1, 2] = 0.0
+    keep = (labels.flatten() != -100) & (w.flatten() > 0)
+    manual = torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep], labels.flatten()[keep])
+    assert cross_entropy(logits, {"labels": labels, "loss_weights": w}).item() == pytest.approx(manual.item())
+
+
+def test_validation_split_is_disjoint_from_training():
+    from dsv32.train.stages import build_documents
+
+    train = build_documents(512, seed=0, n_synthetic=10, min_synthetic_length=256)
+    val = build_documents(512, seed=0, n_synthetic=10, min_synthetic_length=256, split="val")
+    as_text = lambda docs: {d if isinstance(d, str) else d.text for d in docs}  # noqa: E731
+    assert as_text(train).isdisjoint(as_text(val)) and len(val) > 10

@@ -146,25 +146,65 @@ def synthetic_documents(seed: int, n: int, length: int, n_pairs: int = 8) -> lis
     return [makers[i % 3]() for i in range(n)]
 
 
+def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> list[Document]:
+    """n long-range documents of random lengths in [min_length, max_length], so that the needle sits at every
+    distance from its question: passkeys, key-value recall with several queries each (most answer tokens per
+    document), and multi-hop chains, mixed 2:2:1 and reproducible from `seed`."""
+    if not 256 <= min_length <= max_length:
+        raise ValueError(f"corpus.py retrieval_documents: need 256 <= min_length <= max_length "
+                         f"(got {min_length}, {max_length})")
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        length = rng.randint(min_length, max_length)
+        kind = i % 5
+        if kind < 2:
+            docs.append(passkey_document(rng, length))
+        elif kind < 4:
+            # about 35 characters per query and 16 per pair: fill at most half of the document with them
+            n_queries = rng.randint(2, max(2, min(8, length // 140)))
+            n_pairs = rng.randint(n_queries, max(n_queries, min(12, length // 64)))
+            docs.append(kv_recall_document(rng, length, n_pairs, n_queries))
+        else:
+            docs.append(multihop_document(rng, length, hops=rng.randint(1, 2), n_distractors=1))
+    return docs
+
+
+def answer_weights(doc: Document, n_tokens: int, weight: float) -> list[float]:
+    """Per-token loss weights of a synthetic document: `weight` on its answer spans, 1 elsewhere (ASCII text:
+    character offsets are token offsets)."""
+    w = [1.0] * n_tokens
+    for a, b in doc.answers:
+        w[a:b] = [weight] * (b - a)
+    return w
+
+
 def pack(docs_token_lists: list[list[int]], seq_len: int, rng: random.Random | None = None, *,
-         eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+         eos_id: int = EOS_ID, pad_id: int = PAD_ID, weights: list[list[float]] | None = None):
     """Concatenate documents (each followed by eos, in an order shuffled by `rng`; None keeps it) and cut
     the stream into rows of L = seq_len + 1 tokens; the last row is padded with `pad_id`.
 
     Returns input_ids_NL and doc_ids_NL: the segment of every token, counting 0, 1, ... within each row
     (a document cut by a row boundary continues as segment 0 of the next row); padding is -1. Pass
     doc_ids to the model so attention and the indexer stay inside each document.
+
+    weights: optional per-token loss weights, one list per document (the eos gets 1, padding 0); when
+    given, a third tensor weights_NL is returned, packed exactly like the tokens.
     """
+    if weights is not None and [len(w) for w in weights] != [len(d) for d in docs_token_lists]:
+        raise ValueError("corpus.py pack: weights must hold one weight per token of every document")
     if seq_len < 1:
         raise ValueError(f"corpus.py pack: seq_len={seq_len}; pass seq_len >= 1")
     order = list(range(len(docs_token_lists)))
     if rng is not None:
         rng.shuffle(order)
-    tokens, owner = [], []
+    tokens, owner, wts = [], [], []
     for i in order:
         doc = list(docs_token_lists[i]) + [eos_id]
         tokens.extend(doc)
         owner.extend([i] * len(doc))
+        if weights is not None:
+            wts.extend(list(weights[i]) + [1.0])
     if not tokens:
         raise ValueError("corpus.py pack: no documents to pack; pass at least one non-empty token list")
     L = seq_len + 1
@@ -177,4 +217,6 @@ def pack(docs_token_lists: list[list[int]], seq_len: int, rng: random.Random | N
     new_NL[:, 1:] = (owner_NL[:, 1:] != owner_NL[:, :-1]).long()
     new_NL[:, 0] = 0
     doc_ids_NL = new_NL.cumsum(dim=1).masked_fill(owner_NL < 0, -1)
+    if weights is not None:
+        return ids_NL, doc_ids_NL, torch.tensor(wts + [0.0] * pad, dtype=torch.float32).view(n, L)
     return ids_NL, doc_ids_NL

@@ -74,11 +74,16 @@ class PackedDataset:
     next batch exactly. An epoch's last partial batch is dropped.
     """
 
-    def __init__(self, input_ids_NL: torch.Tensor, doc_ids_NL: torch.Tensor, seed: int = 0):
+    def __init__(self, input_ids_NL: torch.Tensor, doc_ids_NL: torch.Tensor, seed: int = 0,
+                 weights_NL: torch.Tensor | None = None):
         if input_ids_NL.shape != doc_ids_NL.shape or input_ids_NL.dim() != 2 or input_ids_NL.shape[1] < 2:
             raise ValueError(f"loaders.py PackedDataset: input_ids {tuple(input_ids_NL.shape)} and doc_ids "
                              f"{tuple(doc_ids_NL.shape)} must both be [N, seq_len + 1] with seq_len >= 1")
+        if weights_NL is not None and weights_NL.shape != input_ids_NL.shape:
+            raise ValueError(f"loaders.py PackedDataset: weights {tuple(weights_NL.shape)} must match input_ids "
+                             f"{tuple(input_ids_NL.shape)}")
         self.input_ids_NL, self.doc_ids_NL = input_ids_NL.long(), doc_ids_NL.long()
+        self.weights_NL = None if weights_NL is None else weights_NL.float()
         self.seed, self.epoch, self.cursor = seed, 0, 0
 
     @classmethod
@@ -87,17 +92,36 @@ class PackedDataset:
         ids, docs = pack(tokens, seq_len, random.Random(seed), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         return cls(ids, docs, seed)
 
+    @classmethod
+    def from_documents(cls, docs: list, tokenizer: ByteTokenizer, seq_len: int, seed: int = 0,
+                       answer_weight: float = 1.0):
+        """Texts and synthetic `Document`s packed together; the answer spans of the Documents weigh
+        `answer_weight` in the loss (batches then carry "loss_weights")."""
+        from .corpus import Document, answer_weights
+
+        tokens = [tokenizer.encode(d.text if isinstance(d, Document) else d) for d in docs]
+        weights = [answer_weights(d, len(t), answer_weight) if isinstance(d, Document) else [1.0] * len(t)
+                   for d, t in zip(docs, tokens)]
+        ids, doc_ids, w = pack(tokens, seq_len, random.Random(seed), eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id, weights=weights)
+        return cls(ids, doc_ids, seed, w if answer_weight != 1.0 else None)
+
     def __len__(self) -> int:
         return self.input_ids_NL.shape[0]
 
     @staticmethod
-    def make_batch(ids_BL: torch.Tensor, docs_BL: torch.Tensor) -> dict[str, torch.Tensor]:
+    def make_batch(ids_BL: torch.Tensor, docs_BL: torch.Tensor, weights_BL: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
         """Inputs are tokens 0..T-1, labels tokens 1..T; a label is ignored where the target is padding or
-        belongs to another document than its input (no predicting the next document from this one)."""
+        belongs to another document than its input (no predicting the next document from this one).
+        With weights, "loss_weights" [B, T] is the weight of each label (the target token's weight)."""
         labels_BT = ids_BL[:, 1:].clone()
         cross_BT = (docs_BL[:, 1:] != docs_BL[:, :-1]) | (docs_BL[:, 1:] < 0)
         labels_BT[cross_BT] = IGNORE
-        return {"input_ids": ids_BL[:, :-1], "labels": labels_BT, "doc_ids": docs_BL[:, :-1]}
+        batch = {"input_ids": ids_BL[:, :-1], "labels": labels_BT, "doc_ids": docs_BL[:, :-1]}
+        if weights_BL is not None:
+            batch["loss_weights"] = weights_BL[:, 1:].masked_fill(cross_BT, 0.0)
+        return batch
 
     def _order(self, epoch: int) -> torch.Tensor:
         return torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -112,7 +136,8 @@ class PackedDataset:
             while self.cursor + batch_size <= len(self):
                 idx = order[self.cursor:self.cursor + batch_size]
                 self.cursor += batch_size  # advanced before yielding: a state saved now points at the next batch
-                yield self.make_batch(self.input_ids_NL[idx], self.doc_ids_NL[idx])
+                yield self.make_batch(self.input_ids_NL[idx], self.doc_ids_NL[idx],
+                                      None if self.weights_NL is None else self.weights_NL[idx])
             self.epoch, self.cursor = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

@@ -24,10 +24,21 @@ from .metrics import Metrics
 from .optim import ParamGroup, TrainConfig, build_optimizer, clip_grads, set_lr
 
 
+def cross_entropy(logits_BTV: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Next-token cross entropy; labels are already shifted, -100 marks positions without a target.
+    With "loss_weights" in the batch, the mean is weighted (answer spans of synthetic documents count more)."""
+    labels = batch["labels"].flatten()
+    weights = batch.get("loss_weights")
+    if weights is None:
+        return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels, ignore_index=-100)
+    per_token = F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels, ignore_index=-100, reduction="none")
+    w = weights.flatten().float() * (labels != -100)
+    return (per_token * w).sum() / w.sum().clamp_min(1e-9)
+
+
 def lm_loss(model, batch: dict) -> torch.Tensor:
-    """Next-token cross entropy; labels are already shifted, -100 marks positions without a target."""
-    logits_BTV = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+    """The LM loss of a dense or sparse forward pass."""
+    return cross_entropy(model(batch["input_ids"], doc_ids=batch.get("doc_ids")), batch)
 
 
 def _to(batch: dict, device) -> dict:

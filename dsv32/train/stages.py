@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
 from ..model import Trace
 from . import checkpoint
-from .loop import lm_loss, train
+from .loop import cross_entropy, lm_loss, train
 from .metrics import Metrics
 from .optim import ParamGroup, TrainConfig
 
@@ -59,7 +58,7 @@ def sparse_loss(model, batch: dict):
     """Stage 2: LM loss + mean indexer KL over the top-k set (their gradients are disjoint)."""
     trace = Trace(indexer_kl=[])
     logits_BTV = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), trace=trace)
-    lm = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+    lm = cross_entropy(logits_BTV, batch)
     kl = _mean_kl(trace)
     return lm + kl, {"lm_loss": lm.item(), "indexer_kl": kl.item()}
 
@@ -127,19 +126,45 @@ class Stream:
         self._it = None  # restart from the restored (epoch, cursor)
 
 
-def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
-                  max_natural: int | None = None):
-    """Packed rows of natural documents (stdlib docstrings) mixed with synthetic long-range documents."""
-    from ..data import ByteTokenizer, PackedDataset, natural_documents, synthetic_documents
+VAL_EVERY = 20  # every 20th natural document is held out for validation, never trained on
 
-    texts = natural_documents()
+
+def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
+                    max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None):
+    """The natural documents of `split` (stdlib docstrings) and synthetic long-range `Document`s.
+
+    Synthetic documents are either all `synthetic_length` long (default: one packed row), or, with
+    `min_synthetic_length`, of random lengths up to one row, so needles sit at every distance. The "val"
+    split holds out every VAL_EVERY-th natural document and draws its synthetic documents from another seed.
+    """
+    from ..data import natural_documents, synthetic_documents
+    from ..data.corpus import retrieval_documents
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}; choose 'train' or 'val'")
+    texts = [t for i, t in enumerate(natural_documents()) if (i % VAL_EVERY == 0) == (split == "val")]
     if max_natural is not None:
         texts = texts[:max_natural]
+    if not n_synthetic:
+        return texts
+    synth_seed = seed if split == "train" else seed + 1_000_003
     # A synthetic document must fit in one packed row (its eos included), or the question and the
     # needle it asks about can land in different rows and the task becomes unlearnable.
     length = synthetic_length or max(seq_len - 1, 384)  # (very short rows cut them: they cannot fit)
-    texts = texts + [d.text for d in synthetic_documents(seed, n_synthetic, length)] if n_synthetic else texts
-    return PackedDataset.from_texts(texts, ByteTokenizer(), seq_len, seed)
+    if min_synthetic_length is not None:
+        return texts + retrieval_documents(synth_seed, n_synthetic, min(min_synthetic_length, length), length)
+    return texts + synthetic_documents(synth_seed, n_synthetic, length)
+
+
+def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
+                  max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
+                  answer_weight: float = 1.0):
+    """Packed rows of natural documents mixed with synthetic long-range documents (`build_documents`);
+    answer spans weigh `answer_weight` in the LM loss."""
+    from ..data import ByteTokenizer, PackedDataset
+
+    docs = build_documents(seq_len, seed, n_synthetic, synthetic_length, max_natural, split, min_synthetic_length)
+    return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -216,6 +241,10 @@ def make_parser(stage: Stage) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--synthetic-docs", type=int, default=64, help="synthetic long-range documents in the mix")
+    p.add_argument("--synthetic-min-len", type=int, default=None,
+                   help="synthetic documents of random lengths from this up to --seq-len (default: all --seq-len)")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="loss weight of the answer spans of synthetic documents (default 1)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (and, under torchrun, FSDP2 bf16 parameters with fp32 gradient reduction)")
@@ -243,7 +272,8 @@ def _main(stage_name: str, argv: list[str]) -> int:
     model = build_model(args.preset, args.init_from, overrides)
     if args.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    dataset = build_dataset(args.seq_len, args.seed, n_synthetic=args.synthetic_docs)
+    dataset = build_dataset(args.seq_len, args.seed, n_synthetic=args.synthetic_docs,
+                            min_synthetic_length=args.synthetic_min_len, answer_weight=args.answer_weight)
     if model.cfg.vocab_size < 272:
         raise ValueError(f"the byte tokenizer needs vocab_size >= 272; the model has {model.cfg.vocab_size}")
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
