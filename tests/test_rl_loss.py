@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsv32.rl.advantages import group_advantages
-from dsv32.rl.loss import LossConfig, aggregate, grpo_loss, k3, off_policy_mask, token_entropy, unbiased_kl
+from dsv32.rl.loss import (LossConfig, adaptive_entropy_coef, aggregate, grpo_loss, k3, off_policy_mask, token_entropy,
+                           unbiased_kl)
 
 
 # ---------------------------------------------------------------- advantages (§6.5 items 1, 2, 10)
@@ -315,3 +316,10 @@ def test_loss_parity_with_trl(loss_type, aggregation, beta, bias_kl, opsm):
     for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (("kl",) if beta else ()):
         assert metrics[name] == pytest.approx(trl_metrics[name][0], abs=1e-6), name
     assert metrics["clip_ratio/region_mean"] > 0
+
+
+def test_adaptive_entropy_raises_the_coefficient_only_below_target():
+    assert adaptive_entropy_coef(0.01, entropy=0.1, target=0.2) == pytest.approx(0.015)
+    assert adaptive_entropy_coef(0.01, entropy=0.5, target=0.2) == pytest.approx(0.005)
+    assert adaptive_entropy_coef(0.0, entropy=0.5, target=0.2) == 0.0                 # never below the floor
+    assert adaptive_entropy_coef(0.1, entropy=0.0, target=0.2, hi=0.1) == 0.1         # capped

@@ -81,8 +81,9 @@ def test_tool_loop_layout_masks_tool_outputs_and_scores_success():
     params = SamplingParams(max_tokens=200, logprobs=True)
     [s] = rollout(engine, TOK, [task], group_size=1, params=params, thinking=True)
     prompt = task_prompt(task, TOK, True)
-    expected = TOK.decode(prompt) + turn1 + ("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" + task.answer +
-                                             "<｜tool▁output▁end｜><｜tool▁outputs▁end｜><｜Assistant｜><think>") + turn2
+    outputs = ("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" + task.answer +
+               "<｜tool▁output▁end｜><｜tool▁outputs▁end｜><｜Assistant｜><think>")
+    expected = TOK.decode(prompt) + turn1 + outputs + turn2
     assert TOK.decode(s.ids) == expected and s.turns == 2
     assert engine.calls[1][0] == s.ids[: len(s.ids) - len(TOK.encode(turn2))]   # turn 2 saw the tool output
     generated = TOK.decode([t for t, g in zip(s.ids, s.gen_mask) if g])

@@ -1,4 +1,4 @@
-"""The GRPO loss with DeepSeek-V3.2's stability fixes, as small pure functions (rl-distill-anchors.md §1.2–1.4, §6.2).
+"""The GRPO loss with DeepSeek-V3.2's stability fixes as small pure functions (rl-distill-anchors.md §1.2–1.4, §6.2).
 
 Shapes: B completions, T completion positions (right-padded); `mask_BT` is 1 on tokens the policy generated
 (0 on padding and tool outputs). Log-probs are of the sampled tokens:
@@ -95,7 +95,7 @@ def k3(logps_BT: torch.Tensor, ref_logps_BT: torch.Tensor) -> torch.Tensor:
 
 
 def unbiased_kl(logps_BT: torch.Tensor, ref_logps_BT: torch.Tensor, old_logps_BT: torch.Tensor) -> torch.Tensor:
-    """V3.2 Eq. 7: k3 × π_θ/π_old with the ratio differentiable, so the gradient is ratio·(lp − lp_ref)·∇lp."""
+    """V3.2 Eq. 7: k3 × π_θ/π_old, the ratio differentiable: the gradient is ratio·(lp − lp_ref)·∇lp."""
     return torch.exp(logps_BT - old_logps_BT) * k3(logps_BT, ref_logps_BT)
 
 
@@ -114,6 +114,13 @@ def token_entropy(logprobs_BTV: torch.Tensor) -> torch.Tensor:
     """Entropy [B, T] of distributions given as log-probs (−inf outside a Keep Sampling Mask set counts 0)."""
     p = logprobs_BTV.exp()
     return -torch.where(p > 0, p * logprobs_BTV, torch.zeros((), dtype=p.dtype)).sum(-1)
+
+
+def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float = 0.005, lo: float = 0.0,
+                          hi: float = 0.1) -> float:
+    """Skywork-OR1 / TRL `use_adaptive_entropy`: raise the entropy coefficient by `delta` while the measured
+    entropy is at or below `target` (nats), lower it otherwise, within [lo, hi] (rl-distill-anchors.md §6.5 #14)."""
+    return min(coef + delta, hi) if entropy <= target else max(coef - delta, lo)
 
 
 def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, aggregation: str, max_len: int | None = None,
@@ -150,7 +157,8 @@ def grpo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor, adv_B: torch.T
         raise ValueError(f"grpo_loss: logps {tuple(logps_BT.shape)}, old_logps {tuple(old_logps_BT.shape)} and "
                          f"mask {tuple(mask_BT.shape)} must have the same [B, T] shape")
     if adv_B.shape != logps_BT.shape[:1]:
-        raise ValueError(f"grpo_loss: advantages {tuple(adv_B.shape)} must be [B]={logps_BT.shape[0]}, one per completion")
+        raise ValueError(f"grpo_loss: advantages {tuple(adv_B.shape)} must be [B]={logps_BT.shape[0]}, one per "
+                         "completion")
     mask_BT = mask_BT.to(logps_BT.dtype)
     adv_B = adv_B.to(logps_BT.dtype)
     old_logps_BT = old_logps_BT.detach()
@@ -173,7 +181,8 @@ def grpo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor, adv_B: torch.T
             raise ValueError("grpo_loss: β > 0 needs ref_logps_BT (the reference model's log-probs)")
         ref_logps_BT = _masked(ref_logps_BT.detach(), mask_BT)
         lp = _masked(logps_BT, mask_BT)
-        kl_BT = unbiased_kl(lp, ref_logps_BT, _masked(old_logps_BT, mask_BT)) if cfg.unbiased_kl else k3(lp, ref_logps_BT)
+        old = _masked(old_logps_BT, mask_BT)
+        kl_BT = unbiased_kl(lp, ref_logps_BT, old) if cfg.unbiased_kl else k3(lp, ref_logps_BT)
         loss_BT = loss_BT + beta_B[:, None] * kl_BT
         metrics["kl"] = float(masked_mean(kl_BT.detach(), mask_BT))
     if entropy_BT is not None:

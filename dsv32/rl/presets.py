@@ -57,6 +57,7 @@ class RLConfig:
     minutes: float = 0.0               # wall-clock budget of the training loop; 0 = none
     advantage: str = "group_mean"      # group_mean | group_mean_std | batch_std | rloo
     mask_truncated: bool = False       # drop truncated samples from the loss (else the length reward hits them)
+    entropy_target: float = 0.0        # > 0: adaptive entropy coefficient (raised only below this entropy, nats)
     loss: LossConfig = field(default_factory=LossConfig)
     beta_by_domain: dict = field(default_factory=lambda: {"math": 0.0, "countdown": 0.0})  # else loss.beta
     rubric: dict = field(default_factory=lambda: {d: dict(w) for d, w in DEFAULT_RUBRIC.items()})

@@ -102,8 +102,9 @@ def write(report_path, summary: dict, metrics_file=None, guard_demo: bool = Fals
         entry["curves"] = png.name
     rl[name] = entry
     if guard_demo and "guard" in summary:
-        rl["guard_demo"] = {"run": name, "fired": summary["guard"]["fired"], "rollbacks": summary["guard"]["rollbacks"],
-                            "alarms": summary["guard"]["alarms"], "before": summary["before"], "after": summary["after"]}
+        g = summary["guard"]
+        rl["guard_demo"] = {"run": name, "fired": g["fired"], "rollbacks": g["rollbacks"], "alarms": g["alarms"],
+                            "before": summary["before"], "after": summary["after"]}
     _atomic_write(report_path, json.dumps(report, indent=2) + "\n")
     _atomic_write(report_path.parent / "rl.md", markdown(report))
     return report
@@ -112,7 +113,8 @@ def write(report_path, summary: dict, metrics_file=None, guard_demo: bool = Fals
 def markdown(report: dict) -> str:
     """The RL table (`rl.md`)."""
     rl = report.get("rl", {})
-    lines = ["# RL", "", "| run | held-out before | after | change | steps | minutes | guard |", "|---|---|---|---|---|---|---|"]
+    lines = ["# RL", "", "| run | held-out before | after | change | steps | minutes | guard |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rl.items():
         if name == "guard_demo" or not isinstance(r, dict) or "before" not in r:
             continue

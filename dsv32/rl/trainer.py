@@ -1,4 +1,4 @@
-"""`dsv32 rl`: GRPO with DeepSeek-V3.2's stability fixes and the divergence guard (rl-distill-anchors.md §1.2–1.5, §6.1 item 7).
+"""`dsv32 rl`: GRPO with DeepSeek-V3.2's stability fixes and the divergence guard (rl-distill-anchors.md §1.2–1.5).
 
     dsv32 rl --preset tiny-math --init-from runs/sft/final --out runs/rl-math [--steps 60] [--minutes 10]
              [--report runs/report.json] [--loss.beta=0.001] [--guard.eval_every=5] ...
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import random
 import shutil
@@ -39,7 +40,7 @@ from . import report as rl_report
 from . import tasks as T
 from .advantages import group_advantages
 from .guard import DivergenceGuard
-from .loss import grpo_loss, token_entropy
+from .loss import adaptive_entropy_coef, grpo_loss, token_entropy
 from .presets import RLConfig
 from .rollout import collate, rollout
 from .rubric import Rubric, summarize
@@ -86,6 +87,7 @@ class GRPOTrainer:
         needs_ref = cfg.loss.beta > 0 or any(b > 0 for b in cfg.beta_by_domain.values())
         self.ref = copy.deepcopy(model).requires_grad_(False) if needs_ref else None
         self.pool = self._pool()
+        self.loss_cfg = cfg.loss           # its entropy coefficient adapts when cfg.entropy_target > 0
         self.cursor, self.step, self.before = 0, 0, None
         self.metrics = metrics or Metrics(self.out)
         self.guard = None
@@ -151,7 +153,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
-        return {"cursor": self.cursor, "before": self.before,
+        return {"cursor": self.cursor, "before": self.before, "entropy_coef": self.loss_cfg.entropy_coef,
                 "guard": self.guard.state_dict() if self.guard is not None else None}
 
     def save(self) -> None:
@@ -163,6 +165,7 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(ck.optimizer)
         checkpoint.set_rng_state(ck.rng)
         self.cursor, self.step = int(ck.data["cursor"]), ck.step
+        self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=ck.data.get("entropy_coef", 0.0))
         if guard_too:
             self.before = ck.data.get("before")
             if self.guard is not None and ck.data.get("guard"):
@@ -225,8 +228,9 @@ class GRPOTrainer:
                      "completions/clipped_ratio": sum(s.truncated for s in samples) / len(samples),
                      "completions/mean_terminated_length": sum(done) / len(done) if done else 0.0,
                      "train/success": sum(success(s) for s in samples) / len(samples)})
+        dense_terms = self.loss_cfg.entropy_coef > 0 or cfg.entropy_target > 0
         keep = [i for i, s in enumerate(samples) if not (cfg.mask_truncated and s.truncated)
-                and (adv[i] != 0 or cfg.beta(s.task.domain) > 0 or cfg.loss.entropy_coef > 0)]
+                and (adv[i] != 0 or cfg.beta(s.task.domain) > 0 or dense_terms)]
         # Samples with zero advantage and no KL/entropy term carry no gradient: dropped (DAPO's dynamic-sampling
         # filter, without refill). The rest are shuffled into `minibatches` slices, one optimizer step each.
         order = [keep[i] for i in torch.randperm(len(keep)).tolist()]
@@ -240,14 +244,15 @@ class GRPOTrainer:
         for chunk, batch, old in zip(chunks, batches, olds):
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr()
-            lp, ent = policy_logprobs(self.model, batch, entropy=True, entropy_grad=cfg.loss.entropy_coef > 0)
+            lp, ent = policy_logprobs(self.model, batch, entropy=True,
+                                     entropy_grad=self.loss_cfg.entropy_coef > 0 or cfg.entropy_target > 0)
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
                     ref = policy_logprobs(self.ref, batch)[0]
             beta_B = torch.tensor([cfg.beta(samples[i].task.domain) * beta_scale for i in chunk], device=self.device)
             loss, m = grpo_loss(lp, lp.detach() if old is None else old, adv[chunk].to(self.device), batch["mask"],
-                                cfg.loss, sampler_logps_BT=batch["sampler_logps"], ref_logps_BT=ref, beta_B=beta_B,
+                                self.loss_cfg, sampler_logps_BT=batch["sampler_logps"], ref_logps_BT=ref, beta_B=beta_B,
                                 entropy_BT=ent)
             loss.backward()
             m["grad_norm"] = clip_grads(self.optimizer)["main"]
@@ -256,6 +261,10 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + v / len(chunks)
+            if cfg.entropy_target > 0:
+                coef = adaptive_entropy_coef(self.loss_cfg.entropy_coef, m["entropy"], cfg.entropy_target)
+                self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=coef)
+                agg["entropy_coef"] = coef
         self.step += 1
         if cfg.ref_refresh and self.ref is not None and self.step % cfg.ref_refresh == 0:
             self.ref.load_state_dict(self.model.state_dict())
