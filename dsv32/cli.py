@@ -9,8 +9,14 @@
     dsv32 dsa-sparse           DSA stage 2: top-k attention, LM loss + indexer KL, clipped apart
                                (each: --preset tiny --init-from DIR --out DIR --steps N --lr X --batch-size B
                                 --seq-len T --seed S --model.indexer.topk=32 ...; writes OUT/final/)
+    dsv32 dsa-recipe           pretrain -> stage 1 -> stage 2 beside a dense control, then recall, held-out loss and
+                               retrieval by length into OUT/report.json (--out DIR [--from STAGE] [--seq-len ...])
     dsv32 eval long-context    retrieval accuracy (passkey, kv-recall) by length, dense vs sparse attention
                                (--model DIR --lengths 512,1024 [--n 8] [--out FILE.json])
+    dsv32 eval suites          held-out task accuracy per domain and thinking mode, greedy (--model DIR
+                                [--tasks FILE.jsonl] [--n N] [--mode thinking|non-thinking|both] [--out FILE.json])
+    dsv32 sft                  SFT on chat conversations, loss on assistant tokens (--init-from DIR --out DIR
+                                [--domains math:3,tool:2] [--data FILE.jsonl] [--mode both] [--steps N --lr X])
     dsv32 rl                   GRPO with the V3.2 fixes and the divergence guard (--preset tiny-math --init-from DIR
                                 --out DIR [--steps N --minutes M --loss.beta=0.001 ...]; writes OUT/final/, report.json)
     dsv32 serve --model DIR    OpenAI-compatible server (--host 127.0.0.1 --port 8000 --api-key K --max-batch 32)
@@ -54,10 +60,14 @@ def _info(args) -> None:
 
 
 def _eval(rest: list[str]) -> int:
-    suites = ("long-context",)
+    suites = ("long-context", "suites")
     if not rest or rest[0] not in suites:
         raise ValueError(f"eval: name a suite ({', '.join(suites)}), e.g. "
                          "`dsv32 eval long-context --model DIR --lengths 512,1024`")
+    if rest[0] == "suites":
+        from .eval import suites as task_suites
+
+        return task_suites.main(rest[1:])
     from .eval import long_context
 
     return long_context.main(rest[1:])
@@ -76,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                         ("dsa-warmup", "DSA stage 1: dense attention, only the indexer trains"),
                         ("dsa-sparse", "DSA stage 2: sparse attention, LM loss + indexer KL")):
         sub.add_parser(name, help=help_, add_help=False)
+    sub.add_parser("dsa-recipe", help="the DSA recipe end to end with a dense control and its report", add_help=False)
     sub.add_parser("eval", help="evaluations: `dsv32 eval long-context --model DIR --lengths 512,1024`",
                    add_help=False)
+    sub.add_parser("sft", help="SFT on chat conversations: `dsv32 sft --init-from DIR --out DIR`", add_help=False)
     sub.add_parser("rl", help="GRPO: `dsv32 rl --preset tiny-math --init-from DIR --out DIR`", add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible server: `dsv32 serve --model DIR`", add_help=False)
     sub.add_parser("chat", help="terminal chat: `dsv32 chat --model DIR`", add_help=False)
@@ -96,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             from .train import stages
 
             return stages.main(args.command, rest)
+        if args.command == "dsa-recipe":
+            from .train import recipe
+
+            return recipe.main(rest)
         if args.command == "eval":
             return _eval(rest)
+        if args.command == "sft":
+            from .train import sft
+
+            return sft.main(rest)
         if args.command == "serve":
             from .serve import server
 
