@@ -167,32 +167,27 @@ def is_sharded(model: nn.Module) -> bool:
 # -- parallelism ---------------------------------------------------------------------------------
 
 
-def _fp32_owners(model: nn.Module) -> list[nn.Module]:
-    """Modules whose parameters must compute in fp32 (`KeepFP32._fp32`: the router, the indexer's head weights)."""
-    from ..model.precision import KeepFP32
-
-    owners = []
-    for m in model.modules():
-        if isinstance(m, KeepFP32):
-            for dotted in m._fp32:
-                owner_name, _, name = dotted.rpartition(".")
-                owner = m.get_submodule(owner_name) if owner_name else m
-                if isinstance(getattr(owner, name), nn.Parameter) and owner not in owners:
-                    owners.append(owner)
-    return owners
-
-
 def apply_fsdp(model: nn.Module, mp_policy=None, *, mesh=None, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: `fully_shard` each block, then the root (embedding, final norm, head), as torchtitan does.
 
-    mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy` (e.g. param_dtype=bfloat16,
-    reduce_dtype=float32) or None for full precision. With a low-precision policy the router and the
-    indexer's head weights are sharded on their own with an fp32 policy, as the model keeps them fp32.
-    `model.hidden` (used by losses that skip the LM head) is registered so it gathers the root's
-    parameters like `forward` does.
+    Inside each block the lightning indexer is a unit of its own, entered through `keys` and `queries`:
+    its training loss (the indexer KL) leaves the block through the `Trace`, not through the block's
+    output, and in DSA stage 1 it is the only loss. As its own unit the indexer is gathered again when
+    the KL's gradient reaches its outputs, and its gradients are reduce-scattered even when no
+    gradient flows through the blocks.
+
+    mp_policy: a `torch.distributed.fsdp.MixedPrecisionPolicy` (see `bf16_policy`) or None for full
+    precision (bf16 compute then comes from autocast, as in one process). Under a low-precision
+    policy the indexer and the MoE router run with an fp32 policy, since the model keeps their
+    weights (the indexer's head weights, the router) in fp32. `model.hidden` (the stage-1 loss skips
+    the LM head) is registered so it gathers the root's parameters as `forward` does, and a `Trace`
+    passes every unit untouched (`_pass_trace_through`). Apply activation checkpointing first.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from ..model.indexer import Indexer
+    from ..model.moe import Gate
 
     if not dist.is_initialized():
         raise ValueError("apply_fsdp needs a process group; call dsv32.distributed.init() under torchrun first")
@@ -202,16 +197,77 @@ def apply_fsdp(model: nn.Module, mp_policy=None, *, mesh=None, reshard_after_for
     mp_policy = mp_policy or MixedPrecisionPolicy()
     low_precision = mp_policy.param_dtype not in (None, torch.float32)
     fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    shard = partial(fully_shard, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for block in model.layers:
-        if low_precision:
-            for owner in _fp32_owners(block):
-                fully_shard(owner, mesh=mesh, mp_policy=fp32_policy, reshard_after_forward=reshard_after_forward)
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        for m in block.modules():
+            if isinstance(m, Indexer):
+                shard(m, mp_policy=fp32_policy if low_precision else mp_policy)
+                register_fsdp_forward_method(m, "keys")
+                register_fsdp_forward_method(m, "queries")
+            elif isinstance(m, Gate) and low_precision:
+                shard(m, mp_policy=fp32_policy)
+        shard(block, mp_policy=mp_policy)
+        _pass_trace_through(block)
     # The root's parameters are needed again right after the forward (backward of the head): keep them.
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
-    if hasattr(model, "hidden"):
-        register_fsdp_forward_method(model, "hidden")
+    _pass_trace_through(model)
+    _pass_trace_through(model, "hidden")
     return model
+
+
+class _Opaque:
+    """A value FSDP's input processing does not look into."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _opaque(args, kwargs):
+    from ..model import Trace
+
+    def wrap(v):
+        return _Opaque(v) if isinstance(v, Trace) else v
+
+    return tuple(map(wrap, args)), {k: wrap(v) for k, v in kwargs.items()}
+
+
+def _opaque_hook(module, args, kwargs):
+    return _opaque(args, kwargs)
+
+
+def _opaque_call(fn, *args, **kwargs):
+    args, kwargs = _opaque(args, kwargs)
+    return fn(*args, **kwargs)
+
+
+def _unwrapping_call(fn, *args, **kwargs):
+    def unwrap(v):
+        return v.value if isinstance(v, _Opaque) else v
+
+    return fn(*map(unwrap, args), **{k: unwrap(v) for k, v in kwargs.items()})
+
+
+def _pass_trace_through(module: nn.Module, method: str = "forward") -> None:
+    """Let a `Trace` argument pass an FSDP unit untouched; call right after `fully_shard(module)`.
+
+    FSDP2 rebuilds the dataclasses and lists among a unit's inputs: to hook tensors that need
+    gradients (a `Trace` holds the earlier layers' indexer KL) and to cast floating-point inputs under
+    mixed precision. The model appends to the trace it was given, so a rebuilt copy would lose the
+    records (the caller would see one layer's KL, or none). The trace therefore crosses FSDP's input
+    handling in an opaque holder and is unwrapped just before the model's own code runs. For a method
+    other than `forward`, this also registers it with FSDP (`register_fsdp_forward_method`).
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if method == "forward":
+        module.register_forward_pre_hook(_opaque_hook, prepend=True, with_kwargs=True)  # runs before FSDP's
+        module.forward = partial(_unwrapping_call, module.forward)
+        return
+    setattr(module, method, partial(_unwrapping_call, getattr(module, method)))
+    register_fsdp_forward_method(module, method)
+    setattr(module, method, partial(_opaque_call, getattr(module, method)))
 
 
 def _fresh_trace(trace):
@@ -222,6 +278,10 @@ def _fresh_trace(trace):
 
 
 def _checkpointed_forward(block_forward, x, ctx, cache=None, route=None, trace=None):
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # No gradient flows through the block's main path (DSA stage 1, evaluation): nothing of it is
+        # saved for backward anyway, and the indexer KL's own inputs are small and detached.
+        return block_forward(x, ctx, cache, route, trace)
     calls = []
 
     def run(x):
@@ -237,8 +297,12 @@ def apply_ac(model: nn.Module) -> nn.Module:
     Parameter names stay as they are (no wrapper module), so optimizer groups, state dicts and the HF
     export see the same model. The recomputation records nothing into the caller's `Trace` (routes,
     top-k and indexer-KL lists keep one entry per layer); non-reentrant checkpointing lets the indexer
-    KL, which leaves the block through the trace, still receive its gradient.
+    KL, which leaves the block through the trace, still receive its gradient. A block whose input
+    needs no gradient runs as usual.
     """
+    if is_sharded(model):
+        raise ValueError("apply activation checkpointing before FSDP (dsv32.distributed.parallelize does both "
+                         "in that order)")
     for block in model.layers:
         if isinstance(block.forward, partial) and block.forward.func is _checkpointed_forward:
             continue  # already applied
