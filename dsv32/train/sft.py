@@ -1,0 +1,319 @@
+"""Supervised fine-tuning on chat conversations: the cold start before RL, and sequence-level distillation
+(rl-distill-anchors.md §4.1, §6.2 "SFT"): loss only on what the assistant generates (reasoning, content,
+tool calls, EOS), with the masks of `dsv32.data.chat.encode_for_training`, in both thinking modes.
+
+    dsv32 sft --init-from runs/pre/final --out runs/sft                 # generated tasks, both modes
+    dsv32 sft --init-from DIR --data distill.jsonl --out runs/gen        # distillation records (issue 7)
+    dsv32 sft --init-from DIR --domains math:2,tool --mode thinking --steps 300 --lr 2e-3
+
+Conversations come from generated tasks (`dsv32.rl.tasks.task_messages`) or from JSONL records
+`{messages, reasoning_content, mode, domain, source_model, verifier_scores}`. They are packed whole into rows
+with `doc_ids` (attention stays inside each conversation) and run through the shared loop (`loop.train`:
+checkpoints, exact resume, metrics); sparse checkpoints train sparse, with the indexer on its KL (as stage 2).
+Writes `OUT/final/` (Hugging Face format), like the other stages.
+
+Legend: N rows, L = T + 1 tokens per row, B batch size, T sequence length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.loaders import IGNORE
+from ..data.tokenizer import ByteTokenizer
+from ..model import Trace
+from .loop import train
+from .optim import ParamGroup, TrainConfig
+
+# The recipe `dsv32 sft` defaults to; measured on the tiny preset (see the report of issue 6/7 work).
+DEFAULT_DOMAINS = {"math": 3, "tool": 2, "logic": 1, "countdown": 1, "alignment": 1}
+DEFAULTS = dict(lr=2e-3, steps=300, batch_size=16, seq_len=256, warmup_steps=20, tasks_per_domain=2000,
+                difficulty=1)
+MODES = {"thinking": True, "non_thinking": False, "non-thinking": False}
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]      # 1 where the token is a training target (assistant-generated)
+    domain: str
+    thinking: bool
+
+
+def encode(messages: list[dict], tokenizer, *, thinking: bool, tools=None, domain: str = "") -> Example:
+    from ..data.chat import encode_for_training
+
+    ids, mask = encode_for_training(messages, tokenizer, thinking=thinking, tools=tools)
+    return Example(list(ids), list(mask), domain, thinking)
+
+
+def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool], *, seed: int = 0,
+                  difficulty: int = 1, tokenizer=None) -> list[Example]:
+    """Worked solutions of generated training tasks; `domains` maps a domain to its weight (x tasks)."""
+    from ..rl import tasks as T
+
+    tokenizer = tokenizer or ByteTokenizer()
+    out = []
+    for domain, weight in domains.items():
+        for task in T.make_tasks(domain, n_per_domain * weight, split="train", seed=seed, difficulty=difficulty):
+            for thinking in modes:
+                out.append(encode(T.task_messages(task, thinking=thinking), tokenizer, thinking=thinking,
+                                  tools=T.tools_for(task), domain=domain))
+    return out
+
+
+def read_records(path) -> list[dict]:
+    """Distillation records, one JSON object per line; a bad line raises ValueError naming file:line."""
+    path, rows = Path(path), []
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; pass a JSONL file of {{\"messages\": [...], \"mode\": ...}} records")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+                raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise ValueError(f"{where}: no assistant message, so nothing to train on; add the reply")
+            if row.get("mode", "thinking") not in MODES:
+                raise ValueError(f"{where}: mode {row.get('mode')!r} must be 'thinking' or 'non_thinking'")
+            row["_where"] = where
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return rows
+
+
+def record_example(row: dict, tokenizer) -> Example:
+    """A record as an Example: top-level `reasoning_content` fills the last assistant turn's if it has none;
+    tools are the record's `tools`, else the built-in specs of the tools its calls name."""
+    from ..rl.tasks import TOOLS
+
+    thinking = MODES[row.get("mode", "thinking")]
+    msgs = [dict(m) for m in row["messages"]]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if thinking and not msgs[last].get("reasoning_content") and row.get("reasoning_content"):
+        msgs[last]["reasoning_content"] = row["reasoning_content"]
+    tools = row.get("tools")
+    if tools is None:
+        names = {c["function"]["name"] for m in msgs for c in (m.get("tool_calls") or [])}
+        tools = [TOOLS[n] for n in sorted(names) if n in TOOLS] or None
+    return encode(msgs, tokenizer, thinking=thinking, tools=tools, domain=str(row.get("domain", "data")))
+
+
+class SFTData:
+    """Examples packed whole into rows of L = seq_len + 1 tokens, served in a seeded order per epoch;
+    resumable like `PackedDataset` (state: epoch, cursor). Batches carry labels masked to the assistant's
+    tokens, `doc_ids` (one segment per conversation, -1 on padding) and `domain_ids` for per-domain loss."""
+
+    def __init__(self, examples: list[Example], seq_len: int, seed: int = 0, pad_id: int | None = None):
+        if not examples:
+            raise ValueError("sft: no training examples; give --domains or --data")
+        L, pad_id = seq_len + 1, ByteTokenizer().pad_id if pad_id is None else pad_id
+        too_long = [e for e in examples if len(e.ids) > L]
+        if too_long:
+            raise ValueError(f"sft: {len(too_long)} conversations are longer than seq_len + 1 = {L} tokens (longest "
+                             f"{max(len(e.ids) for e in too_long)}); raise --seq-len")
+        self.domains = sorted({e.domain for e in examples})
+        order = list(range(len(examples)))
+        random.Random(seed).shuffle(order)
+        rows, cur, used = [], [], 0
+        for i in order:  # next fit: a conversation that does not fit starts a new row
+            if used + len(examples[i].ids) > L:
+                rows.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += len(examples[i].ids)
+        rows.append(cur)
+        N = len(rows)
+        self.ids_NL = torch.full((N, L), pad_id, dtype=torch.long)
+        self.mask_NL = torch.zeros(N, L, dtype=torch.bool)
+        self.docs_NL = torch.full((N, L), -1, dtype=torch.long)
+        self.dom_NL = torch.full((N, L), -1, dtype=torch.long)
+        for r, members in enumerate(rows):
+            at = 0
+            for seg, i in enumerate(members):
+                e, n = examples[i], len(examples[i].ids)
+                self.ids_NL[r, at:at + n] = torch.tensor(e.ids)
+                self.mask_NL[r, at:at + n] = torch.tensor(e.mask, dtype=torch.bool)
+                self.docs_NL[r, at:at + n] = seg
+                self.dom_NL[r, at:at + n] = self.domains.index(e.domain)
+                at += n
+        self.seed, self.epoch, self.cursor, self._it = seed, 0, 0, None
+        self.target_tokens = int(self.mask_NL.sum())
+
+    def __len__(self) -> int:
+        return self.ids_NL.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        ids_BL, docs_BL = self.ids_NL[idx], self.docs_NL[idx]
+        labels_BT = ids_BL[:, 1:].masked_fill(~self.mask_NL[idx, 1:], IGNORE)
+        labels_BT[docs_BL[:, 1:] != docs_BL[:, :-1]] = IGNORE  # never predict across conversations
+        return {"input_ids": ids_BL[:, :-1], "labels": labels_BT, "doc_ids": docs_BL[:, :-1],
+                "domain_ids": self.dom_NL[idx, 1:]}
+
+    def batches(self, batch_size: int):
+        if not 1 <= batch_size <= len(self):
+            raise ValueError(f"sft: batch size {batch_size} but only {len(self)} packed rows; lower --batch-size "
+                             "or add data")
+        while True:
+            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            while self.cursor + batch_size <= len(self):
+                idx = order[self.cursor:self.cursor + batch_size]
+                self.cursor += batch_size
+                yield self.batch(idx)
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    def stream(self, batch_size: int) -> "SFTData":
+        self.batch_size = batch_size
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self.batches(self.batch_size)
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "rows": len(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rows") != len(self):
+            raise ValueError(f"sft: the checkpoint's data had {state.get('rows')} rows, this data has {len(self)}; "
+                             "resume with the same --domains/--data/--seq-len/--seed, or pass --no-resume")
+        self.epoch, self.cursor, self.seed, self._it = int(state["epoch"]), int(state["cursor"]), int(state["seed"]), None
+
+
+def make_loss(domains: list[str]):
+    """Masked next-token CE (mean over target tokens), per-domain CE as extras; + indexer KL when sparse."""
+
+    def sft_loss(model, batch: dict):
+        sparse = model.cfg.attn_mode == "sparse"
+        trace = Trace(indexer_kl=[]) if sparse else None
+        logits_BTV = model(batch["input_ids"], doc_ids=batch["doc_ids"], trace=trace)
+        ce_BT = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                                reduction="none").view_as(batch["labels"])
+        target_BT = batch["labels"] != IGNORE
+        loss = ce_BT.sum() / target_BT.sum().clamp(min=1)
+        extras = {}
+        for i, d in enumerate(domains):
+            sel = target_BT & (batch["domain_ids"] == i)
+            if sel.any():
+                extras[f"sft_loss/{d}"] = (ce_BT[sel].mean()).item()
+        if sparse:
+            kl = torch.stack(trace.indexer_kl).mean()
+            extras["indexer_kl"] = kl.item()
+            return loss + kl, extras
+        return loss, extras
+
+    return sft_loss
+
+
+def groups_for(model) -> list[ParamGroup]:
+    """Dense: every parameter but the indexer (it gets no gradient densely). Sparse: main and indexer
+    groups clipped apart, as DSA stage 2."""
+    from .stages import is_indexer
+
+    main = ParamGroup("main", lambda n: not is_indexer(n))
+    return [main, ParamGroup("indexer", is_indexer)] if model.cfg.attn_mode == "sparse" else [main]
+
+
+def run_sft(model, data: SFTData, cfg: TrainConfig, resume: bool = True, metrics=None) -> dict:
+    """SFT through the shared loop; the model keeps its attention mode (sparse checkpoints train sparse)."""
+    return train(model, data.stream(cfg.batch_size), cfg, loss_fn=make_loss(data.domains), groups=groups_for(model),
+                 metrics=metrics, resume=resume)
+
+
+def parse_domains(text: str) -> dict[str, int]:
+    """'math:3,tool' -> {"math": 3, "tool": 1}."""
+    from ..rl.tasks import DOMAINS
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, w = part.partition(":")
+        if name not in DOMAINS:
+            raise ValueError(f"--domains: unknown domain {name!r}; choose from {', '.join(DOMAINS)} (weight: math:3)")
+        if w and not (w.isdigit() and int(w) > 0):
+            raise ValueError(f"--domains: weight of {name!r} must be a positive integer, got {w!r}")
+        out[name] = int(w or 1)
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(prog="dsv32 sft", description="SFT on chat conversations (loss on assistant tokens)")
+    p.add_argument("--preset", default="tiny", help="model preset when not --init-from (default tiny)")
+    p.add_argument("--init-from", default=None, metavar="DIR", help="a save_pretrained directory or a run directory")
+    p.add_argument("--out", default="runs/sft", metavar="DIR")
+    p.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
+                   help="distillation records {messages, reasoning_content, mode, domain, ...} (repeatable)")
+    p.add_argument("--domains", default=None,
+                   help="generated task domains with weights, e.g. math:3,tool:2,logic (default: "
+                        + ",".join(f"{k}:{v}" for k, v in DEFAULT_DOMAINS.items()) + "; none when --data is given)")
+    p.add_argument("--mode", default="both", choices=("both", "thinking", "non-thinking"))
+    p.add_argument("--tasks-per-domain", type=int, default=d["tasks_per_domain"])
+    p.add_argument("--difficulty", type=int, default=d["difficulty"])
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """`dsv32 sft`: build the examples, run SFT, write OUT/final/."""
+    from .stages import build_model, parse_overrides
+
+    args, rest = make_parser().parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    if args.domains is None:
+        domains = {} if args.data else dict(DEFAULT_DOMAINS)
+    else:
+        domains = parse_domains(args.domains)
+    modes = {"both": [True, False], "thinking": [True], "non-thinking": [False]}[args.mode]
+    tok = ByteTokenizer()
+    examples = task_examples(domains, args.tasks_per_domain, modes, seed=args.seed, difficulty=args.difficulty,
+                             tokenizer=tok) if domains else []
+    for path in args.data:
+        rows = read_records(path)
+        for row in rows:
+            try:
+                examples.append(record_example(row, tok))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{row['_where']}: cannot render the conversation ({e}); check its messages") from None
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(args.preset, args.init_from, overrides)
+    if model.cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"the byte tokenizer needs vocab_size >= {tok.vocab_size}; the model has {model.cfg.vocab_size}")
+    data = SFTData(examples, args.seq_len, args.seed)
+    cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                      warmup_steps=min(args.warmup_steps, args.steps), log_every=args.log_every,
+                      ckpt_every=args.ckpt_every, out_dir=args.out)
+    print(f"sft: {len(examples)} conversations in {len(data)} rows of {args.seq_len + 1} tokens "
+          f"({data.target_tokens} target tokens), {model.cfg.attn_mode} attention", flush=True)
+    summary = run_sft(model, data, cfg, resume=not args.no_resume)
+    final = Path(args.out) / "final"
+    model.save_pretrained(final)
+    print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {final}", flush=True)
+    return 0

@@ -1,0 +1,143 @@
+"""SFT (dsv32/train/sft.py): masks and packing, distillation records, training lowers the loss, the command."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_config
+from dsv32.cli import main as cli
+from dsv32.data.loaders import IGNORE
+from dsv32.data.tokenizer import ByteTokenizer
+from dsv32.model import Transformer
+from dsv32.rl import tasks as T
+from dsv32.train import TrainConfig, sft
+
+TOK = ByteTokenizer()
+
+
+def _model(**kw):
+    return Transformer(make_config(vocab_size=272, **kw))
+
+
+def test_labels_are_exactly_the_assistant_tokens_and_never_cross_conversations():
+    tasks = T.make_tasks("math", 6) + T.make_tasks("tool", 2)
+    examples = [sft.encode(T.task_messages(t, thinking=th), TOK, thinking=th, tools=T.tools_for(t), domain=t.domain)
+                for t in tasks for th in (True, False)]
+    data = sft.SFTData(examples, seq_len=600, seed=0)
+    assert sum(len(e.ids) for e in examples) == int((data.docs_NL >= 0).sum())  # each packed once, whole
+    batch = data.batch(torch.arange(len(data)))
+    targets = []
+    for r in range(len(data)):
+        labels, docs = batch["labels"][r], data.docs_NL[r]
+        for seg in range(int(docs.max()) + 1):
+            pos = (docs[1:] == seg).nonzero().flatten()
+            if seg > 0:  # the first token of a conversation is never a target of the one before
+                assert labels[pos[0]] == IGNORE
+            targets.append(TOK.decode(labels[pos][labels[pos] != IGNORE].tolist()))
+    expected = []
+    for t in tasks:
+        for th in (True, False):
+            if t.domain == "tool":
+                first = ("need " + t.meta["calls"][0]["name"] + "</think>") if th else ""
+                call = t.meta["calls"][0]
+                expected.append(f"{first}<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{call['name']}<｜tool▁sep｜>"
+                                f"{json.dumps(call['arguments'])}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+                                f"<｜end▁of▁sentence｜>" + (f"so {t.answer}</think>" if th else "")
+                                + f"{t.answer}<｜end▁of▁sentence｜>")
+            else:
+                expected.append((f"{t.solution}</think>" if th else "") + f"{t.answer}<｜end▁of▁sentence｜>")
+    assert sorted(targets) == sorted(expected)  # prompts, openers and tool outputs are never targets
+
+
+def test_data_resumes_at_the_next_batch():
+    examples = sft.task_examples({"math": 1}, 60, [True, False])
+    a = sft.SFTData(examples, 64, seed=1).stream(3)
+    next(a), next(a)
+    state = a.state_dict()
+    want = next(a)
+    b = sft.SFTData(examples, 64, seed=1).stream(3)
+    b.load_state_dict(state)
+    assert all(torch.equal(want[k], v) for k, v in next(b).items())
+    with pytest.raises(ValueError, match="rows"):
+        sft.SFTData(examples[:10], 64, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="raise --seq-len"):
+        sft.SFTData(examples, 16)
+
+
+def _masked_loss(model, batch):
+    with torch.no_grad():
+        return sft.make_loss(["math"])(model, batch)[0].item()
+
+
+def test_sft_lowers_the_loss_on_its_data(tmp_path):
+    torch.manual_seed(0)
+    model = _model()
+    data = sft.SFTData(sft.task_examples({"math": 1}, 150, [True, False]), 96, seed=0)
+    probe = data.batch(torch.arange(8))
+    before = _masked_loss(model, probe)
+    cfg = TrainConfig(lr=3e-3, steps=40, warmup_steps=5, batch_size=8, seq_len=96, log_every=10, out_dir=str(tmp_path))
+    summary = sft.run_sft(model, data, cfg)
+    after = _masked_loss(model, probe)
+    assert summary["steps"] == 40 and after < before - 1.0, (before, after)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "sft_loss/math" in logged[-1]
+
+
+def test_sparse_models_train_sparse_with_the_indexer_on_its_kl(tmp_path):
+    model = _model().set_attn_mode("sparse")
+    data = sft.SFTData(sft.task_examples({"logic": 1}, 20, [True]), 96, seed=0)  # 70+ tokens > top-k 8
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(lr=1e-3, steps=2, warmup_steps=0, batch_size=2, seq_len=96, log_every=1, out_dir=str(tmp_path))
+    sft.run_sft(model, data, cfg)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(".indexer." in n for n in changed) and any(".indexer." not in n for n in changed)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["indexer_kl"] > 0 and model.cfg.attn_mode == "sparse"
+
+
+def _record(mode="thinking", **kw):
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]
+    return {"messages": msgs, "reasoning_content": "2+3=5", "mode": mode, "domain": "math", "source_model": "m",
+            "verifier_scores": {"correct": 1.0}, **kw}
+
+
+def test_distillation_records(tmp_path):
+    path = tmp_path / "d.jsonl"
+    tool_msgs = T.task_messages(T.make_tasks("tool", 1)[0], thinking=False)
+    path.write_text("\n".join(json.dumps(r) for r in (_record(), _record("non_thinking"),
+                                                      _record("non_thinking", messages=tool_msgs))) + "\n")
+    rows = sft.read_records(path)
+    think, plain, tool = (sft.record_example(r, TOK) for r in rows)
+    target = lambda e: TOK.decode([i for i, m in zip(e.ids, e.mask) if m])  # noqa: E731
+    assert target(think) == "2+3=5</think>5<｜end▁of▁sentence｜>" and think.thinking
+    assert target(plain) == "5<｜end▁of▁sentence｜>" and not plain.thinking
+    called = tool_msgs[1]["tool_calls"][0]["function"]["name"]  # tools offered: the ones the record calls
+    assert f'{{"name": "{called}", "description"' in TOK.decode(tool.ids) and sum(tool.mask) > 0
+    cases = {"{bad": "d.jsonl:2: invalid JSON", json.dumps({"messages": []}): "d.jsonl:2: 'messages' must be",
+             json.dumps(_record(mode="fast")): "d.jsonl:2: mode 'fast'",
+             json.dumps({"messages": [{"role": "user", "content": "x"}]}): "d.jsonl:2: no assistant message"}
+    for line, msg in cases.items():
+        path.write_text(json.dumps(_record()) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=msg):
+            sft.read_records(path)
+
+
+def test_sft_command_trains_from_records_and_writes_final(tmp_path):
+    init = tmp_path / "init"
+    _model().save_pretrained(init)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(_record(m)) for m in ("thinking", "non_thinking")) + "\n")
+    out = tmp_path / "run"
+    assert cli(["sft", "--init-from", str(init), "--data", str(data), "--domains", "math", "--tasks-per-domain", "4",
+                "--steps", "2", "--batch-size", "1", "--seq-len", "64", "--out", str(out)]) == 0
+    assert (out / "final" / "config.json").is_file()
+    assert Transformer.from_pretrained(out / "final").cfg.vocab_size == 272
+    assert cli(["sft", "--init-from", str(init), "--domains", "chess", "--out", str(out)]) == 2
+    assert cli(["sft", "--init-from", str(init), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+
+
+def test_parse_domains():
+    assert sft.parse_domains("math:3, tool") == {"math": 3, "tool": 1}
+    with pytest.raises(ValueError, match="weight"):
+        sft.parse_domains("math:0")
