@@ -1,102 +1,67 @@
-"""Suite evaluation (dsv32/eval/suites.py): batched greedy decoding, the tool loop, scoring, the command."""
+"""Suite evaluation (dsv32/eval/suites.py): scoring of rollouts, greedy decoding through the engine, the command."""
 
 import json
-import re
 
-import pytest
 import torch
 
 from conftest import make_config, scale_weights
 from dsv32.cli import main as cli
+from dsv32.data.chat import assistant_open, tool_outputs_text
 from dsv32.data.tokenizer import EOS, ByteTokenizer
 from dsv32.eval import suites
 from dsv32.model import Transformer
 from dsv32.model.generate import greedy
 from dsv32.rl import tasks as T
+from dsv32.rl.rollout import Sample, task_prompt
 
 TOK = ByteTokenizer()
-OUT_BEGIN = "<｜tool▁output▁begin｜>"
 CALL = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>calc<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_batched_left_padded_greedy_matches_one_prompt_at_a_time(mode):
-    model = scale_weights(Transformer(make_config(vocab_size=272)), std=0.15).set_attn_mode(mode).eval()
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 23, 14)]  # > top-k 8: sparse
-    batched = suites.generate(model, prompts, 12, eos_id=TOK.eos_id)
-    for p, out in zip(prompts, batched):
-        alone = greedy(model, torch.tensor([p]), 12, eos_token_id=TOK.eos_id)[0].tolist()
-        assert out == alone[:len(out)] and len(out) >= 1
+def _sample(task, reply: str, thinking: bool, truncated=False, tool_turn: str | None = None):
+    """A rollout record as `rollout` builds it: prompt, then the model's turns (and tool outputs between)."""
+    prompt = task_prompt(task, TOK, thinking)
+    ids, mask, transcript = list(prompt), [0] * len(prompt), [{"role": "user", "content": task.prompt}]
+    if tool_turn is not None:
+        call = TOK.encode(tool_turn)
+        more = TOK.encode(tool_outputs_text(["x"]) + assistant_open(thinking))
+        ids, mask = ids + call + more, mask + [1] * len(call) + [0] * len(more)
+        transcript += [{"role": "assistant", "content": ""}, {"role": "tool", "content": "x"}]
+    gen = TOK.encode(reply)
+    return Sample(0, task, thinking, ids + gen, len(prompt), mask + [1] * len(gen), [0.0] * (len(ids) + len(gen)),
+                  text=reply, transcript=transcript, truncated=truncated)
 
 
-class Scripted(torch.nn.Module):
-    """A stand-in policy with the model's decoding API that replies `reply(prompt_text)` token by token, so the
-    suite's tool loop and scoring can be checked against known replies."""
+def test_score_accuracy_lengths_format_and_reasoning_blocks():
+    math = T.make_tasks("math", 4, split="heldout")
+    right = [_sample(t, f"{t.answer}{EOS}", False) for t in math[:2]]
+    leaky = _sample(math[2], f"<think>x</think>{math[2].answer}{EOS}", False)   # reasoning in non-thinking mode
+    cut = _sample(math[3], math[3].answer, False, truncated=True)                  # right text, but truncated
+    d = suites.score(right + [leaky, cut], TOK)
+    assert d["accuracy"] == 0.75 and d["n"] == 4 and d["truncated"] == 0.25  # the leaky reply's answer counts
+    assert d["no_reasoning_block"] == 0.75 and d["format_ok"] == 0.5
+    assert d["mean_length"] == sum(len(TOK.encode(x.text)) for x in right + [leaky, cut]) / 4
 
-    def __init__(self, reply):
-        super().__init__()
-        self.cfg, self.reply, self.w = make_config(vocab_size=272, max_seq_len=2048), reply, torch.nn.Parameter(torch.zeros(1))
+    think = suites.score([_sample(t, f"{t.solution}</think>{t.answer}{EOS}", True) for t in math], TOK)
+    assert think["accuracy"] == 1.0 and think["format_ok"] == 1.0 and "no_reasoning_block" not in think
 
-    def new_cache(self, batch, max_len):
-        return {"step": 0}
-
-    def forward(self, ids, cache=None, doc_ids=None):
-        if cache["step"] == 0:
-            cache["replies"] = [TOK.encode(self.reply(TOK.decode(row[d == 1].tolist()))) for row, d in zip(ids, doc_ids)]
-        k, cache["step"] = cache["step"], cache["step"] + 1
-        logits = torch.zeros(ids.shape[0], ids.shape[1], 272)
-        for b, r in enumerate(cache["replies"]):
-            logits[b, -1, r[min(k, len(r) - 1)]] = 1.0
-        return logits
-
-
-def _calc_tasks(n=4):
-    return [t for t in T.make_tasks("tool", 40, split="heldout") if t.meta["calls"][0]["name"] == "calc"][:n]
+    tool = T.make_tasks("tool", 2, split="heldout")
+    called = _sample(tool[0], f"{tool[0].answer}{EOS}", False, tool_turn=CALL + EOS)
+    guessed = _sample(tool[1], f"1{EOS}", False)
+    d = suites.score([called, guessed], TOK)
+    assert d["tool_call_rate"] == 0.5 and d["accuracy"] == 0.5
+    assert d["mean_length"] == (len(TOK.encode(CALL + EOS)) + len(TOK.encode(tool[0].answer + EOS)) + 2) / 2
 
 
-def _uses_calc(text):
-    if OUT_BEGIN in text:  # second round: answer with what the tool returned
-        return text.rsplit(OUT_BEGIN, 1)[1].split("<")[0] + EOS
-    expr = re.search(r"What is (\S+)\?", text).group(1)
-    return CALL.replace("{}", json.dumps({"expr": expr})) + EOS
-
-
-def test_tool_calls_run_and_their_outputs_come_back():
-    tasks = _calc_tasks()
-    res = suites.evaluate_suites(Scripted(_uses_calc), {"tool": tasks}, modes=("non_thinking",), examples=1)
-    d = res["details"]["tool"]["non_thinking"]
-    assert res["accuracy"]["tool"]["non_thinking"] == 1.0 and d["tool_call_rate"] == 1.0 and d["format_ok"] == 1.0
-    want = sum(len(TOK.encode(CALL.replace("{}", json.dumps(t.meta["calls"][0]["arguments"])) + EOS))
-               + len(TOK.encode(t.answer + EOS)) for t in tasks) / len(tasks)  # both assistant turns
-    assert d["mean_length"] == want and d["no_reasoning_block"] == 1.0
-    assert d["examples"][0]["correct"] and d["examples"][0]["reply"].endswith(tasks[0].answer + EOS)
-
-    guess = suites.evaluate_suites(Scripted(lambda text: "1234" + EOS), {"tool": tasks}, modes=("non_thinking",))
-    assert guess["accuracy"]["tool"]["non_thinking"] == 0.0 and guess["details"]["tool"]["non_thinking"][
-        "tool_call_rate"] == 0.0
-
-
-def test_scoring_by_mode_truncation_and_reasoning_blocks():
-    tasks = T.make_tasks("math", 6, split="heldout")
-    answer = {t.prompt: t.answer for t in tasks}
-
-    def solve(text, think):
-        a = answer[re.search(r"<｜User｜>(.*?)<｜Assistant｜>", text).group(1)]
-        return (f"steps</think>{a}" if think else a) + EOS
-
-    res = suites.evaluate_suites(Scripted(lambda s: solve(s, s.endswith("<think>"))), {"math": tasks})
-    assert res["accuracy"] == {"math": {"thinking": 1.0, "non_thinking": 1.0}}
-    assert res["details"]["math"]["non_thinking"]["no_reasoning_block"] == 1.0
-
-    leaky = suites.evaluate_suites(Scripted(lambda s: solve(s, True)), {"math": tasks}, modes=("non_thinking",))
-    d = leaky["details"]["math"]["non_thinking"]
-    assert d["no_reasoning_block"] == 0.0 and d["format_ok"] == 0.0
-
-    cut = suites.evaluate_suites(Scripted(lambda s: solve(s, False)[:-len(EOS)] + " and more text"), {"math": tasks},
-                                 modes=("non_thinking",), max_tokens=3)
-    d = cut["details"]["math"]["non_thinking"]
-    assert d["truncated"] == 1.0 and d["accuracy"] == 0.0 and d["mean_length"] == 3
+def test_evaluate_suites_is_greedy_decoding():
+    model = scale_weights(Transformer(make_config(vocab_size=272)), std=0.15)
+    tasks = T.make_tasks("logic", 3, split="heldout")
+    res = suites.evaluate_suites(model, {"logic": tasks}, max_tokens=10, examples=3)
+    assert set(res["accuracy"]["logic"]) == {"thinking", "non_thinking"} and model.training
+    for mode, thinking in suites.MODES.items():
+        for t, ex in zip(tasks, res["details"]["logic"][mode]["examples"]):
+            want = greedy(model.eval(), torch.tensor([task_prompt(t, TOK, thinking)]), 10, eos_token_id=TOK.eos_id)
+            assert ex["reply"] == TOK.decode(want[0].tolist()) and ex["prompt"] == t.prompt
 
 
 def test_eval_suites_command(tmp_path):

@@ -3,11 +3,12 @@
     dsv32 eval suites --model runs/sft/final                       # every built-in domain, both modes
     dsv32 eval suites --model DIR --tasks mine.jsonl --mode thinking --n 200 --out suites.json
 
-Per domain and mode: accuracy (the final reply verifies with `rl.tasks.verify`, and the reply ended with
-EOS), mean response length in tokens (all assistant turns), format compliance (the template parses and
-nothing was truncated), for non-thinking mode the share of replies with no reasoning block, and for tool
-tasks the share that called a tool. Tool calls run in a loop of up to `max_rounds` turns: the
-conversation is re-rendered with the tool outputs and generation continues (rl-distill-anchors.md §1.6).
+Greedy decoding (temperature 0) through the serving engine, with the RL rollout's tool loop (calls run,
+outputs appended, generation continues, up to `max_turns` model turns; rl-distill-anchors.md §1.6).
+Per domain and mode: accuracy (the final reply verifies with `rl.tasks.verify` and ended with EOS), mean
+response length in tokens (all model turns), format compliance (the template parses, nothing truncated),
+for non-thinking mode the share of replies with no reasoning block anywhere, and for tool tasks the share
+that called a tool.
 
     result = evaluate_suites(model, heldout_tasks(n=100))
     result["accuracy"]["math"]["thinking"]     # fraction in [0, 1]
@@ -28,122 +29,65 @@ from ..data.tokenizer import ByteTokenizer
 MODES = {"thinking": True, "non_thinking": False}
 
 
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Greedy continuations of prompts of different lengths in one batch, stopping at EOS (kept in the
-    output). Prompts are left-padded into their own segment (doc_ids 0 vs 1) so no token attends to the
-    padding; RoPE is relative, so the shifted positions do not change the result."""
-    B, P = len(prompts), max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - P)  # the context limit truncates
-    if max_new_tokens < 1:
-        raise ValueError(f"a {P}-token prompt fills the model's max_seq_len {model.cfg.max_seq_len}; use shorter "
-                         "prompts or a model with a longer context")
-    device = next(model.parameters()).device
-    ids_BP = torch.full((B, P), eos_id, dtype=torch.long)
-    docs_BP = torch.zeros(B, P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids_BP[b, P - len(p):] = torch.tensor(p)
-        docs_BP[b, P - len(p):] = 1
-    cache = model.new_cache(B, P + max_new_tokens)
-    logits_BV = model(ids_BP.to(device), cache=cache, doc_ids=docs_BP.to(device))[:, -1]
-    ones_B1 = torch.ones(B, 1, dtype=torch.long, device=device)
-    out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        nxt_B = logits_BV.argmax(-1)
-        for b in (~done).nonzero().flatten().tolist():
-            out[b].append(int(nxt_B[b]))
-        done |= nxt_B == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        logits_BV = model(nxt_B[:, None], cache=cache, doc_ids=ones_B1)[:, -1]
-    return out
-
-
 def heldout_tasks(domains=None, n: int = 100, seed: int = 0, difficulty: int = 1) -> dict[str, list]:
     from ..rl import tasks as T
 
     return {d: T.make_tasks(d, n, split="heldout", seed=seed, difficulty=difficulty) for d in (domains or T.DOMAINS)}
 
 
-def run_conversations(model, tasks: list, *, thinking: bool, max_tokens: int = 96, batch_size: int = 64,
-                      max_rounds: int = 3, tokenizer=None) -> list[dict]:
-    """Greedy replies to each task's prompt, running tool calls; one record per task."""
-    from ..data import chat
-    from ..rl import tasks as T
+def correct(sample) -> bool:
+    """The reply ended (not truncated) and its final answer verifies (`tasks.verify`); the RL trainer's rule."""
+    from ..data.chat import parse_assistant
+    from ..rl.tasks import verify
+
+    content = (parse_assistant(sample.text, thinking=sample.thinking)["content"] or "").strip()
+    return (not sample.truncated) and bool(content) and verify(sample.task, content)
+
+
+def score(samples: list, tokenizer=None) -> dict:
+    """Suite metrics of rollouts (`dsv32.rl.rollout.Sample`, one per task, all in one mode)."""
+    from ..data.chat import parse_assistant
 
     tok = tokenizer or ByteTokenizer()
-    convs = [[{"role": "user", "content": t.prompt}] for t in tasks]
-    recs = [{"text": "", "length": 0, "tool_calls": 0, "truncated": False, "well_formed": True, "parsed": None}
-            for _ in tasks]
-    active = list(range(len(tasks)))
-    for rnd in range(max_rounds):
-        prompts = [tok.encode(chat.render(convs[i], thinking=thinking, tools=T.tools_for(tasks[i]),
-                                          add_generation_prompt=True)) for i in active]
-        outs = []
-        for s in range(0, len(active), batch_size):
-            outs += generate(model, prompts[s:s + batch_size], max_tokens, tok.eos_id)
-        still = []
-        for i, out in zip(active, outs):
-            text = tok.decode(out)
-            parsed = chat.parse_assistant(text, thinking=thinking)
-            r = recs[i]
-            r["text"] += text
-            r["length"] += len(out)
-            r["truncated"] = not out or out[-1] != tok.eos_id
-            r["well_formed"] &= bool(parsed.get("well_formed", True)) and not r["truncated"]
-            r["parsed"] = parsed
-            calls = parsed.get("tool_calls") or []
-            if calls and not r["truncated"] and rnd < max_rounds - 1:
-                r["tool_calls"] += len(calls)
-                convs[i].append({"role": "assistant", "content": parsed.get("content") or "", "tool_calls": calls,
-                                 "reasoning_content": parsed.get("reasoning_content")})
-                for c in calls:
-                    fn = c.get("function", {})
-                    convs[i].append({"role": "tool", "tool_call_id": c.get("id", ""),
-                                     "content": T.call_tool(fn.get("name", ""), fn.get("arguments", "{}"))})
-                still.append(i)
-        active = still
-        if not active:
-            break
-    for t, r in zip(tasks, recs):
-        content = (r["parsed"] or {}).get("content") or ""
-        r["content"] = content
-        r["correct"] = (not r["truncated"]) and T.verify(t, content)
-        r["reasoning_block"] = "<think>" in r["text"] or "</think>" in r["text"]
-        del r["parsed"]
-    return recs
-
-
-def summarize(recs: list[dict], thinking: bool, tool_domain: bool) -> dict:
-    n = len(recs)
-    out = {"accuracy": sum(r["correct"] for r in recs) / n, "n": n,
-           "mean_length": sum(r["length"] for r in recs) / n,
-           "format_ok": sum(r["well_formed"] for r in recs) / n,
-           "truncated": sum(r["truncated"] for r in recs) / n}
-    if not thinking:
-        out["no_reasoning_block"] = sum(not r["reasoning_block"] for r in recs) / n
-    if tool_domain:
-        out["tool_call_rate"] = sum(r["tool_calls"] > 0 for r in recs) / n
+    n, thinking = len(samples), samples[0].thinking
+    out = {"accuracy": sum(map(correct, samples)) / n, "n": n,
+           "mean_length": sum(s.n_generated for s in samples) / n,
+           "format_ok": sum(parse_assistant(s.text, thinking=thinking)["well_formed"] and not s.truncated
+                            for s in samples) / n,
+           "truncated": sum(s.truncated for s in samples) / n}
+    if not thinking:  # everything the model wrote, every turn: no <think> or </think> anywhere
+        generated = [tok.decode([t for t, m in zip(s.ids, s.gen_mask) if m]) for s in samples]
+        out["no_reasoning_block"] = sum("<think>" not in g and "</think>" not in g for g in generated) / n
+    if any(s.task.meta.get("tools") for s in samples):
+        out["tool_call_rate"] = sum(any(m["role"] == "tool" for m in s.transcript) for s in samples) / n
     return out
 
 
+@torch.no_grad()
 def evaluate_suites(model, tasks_by_domain: dict[str, list], *, modes=tuple(MODES), max_tokens: int = 96,
-                    batch_size: int = 64, examples: int = 0) -> dict:
-    """{"accuracy": domain -> mode -> fraction, "details": domain -> mode -> metrics, "seconds": ...};
-    `examples` > 0 keeps that many (prompt, reply, correct) samples per domain and mode."""
+                    max_batch: int = 64, max_turns: int = 3, examples: int = 0) -> dict:
+    """{"accuracy": domain -> mode -> fraction, "details": domain -> mode -> metrics, "seconds": ...}, greedy
+    through the serving engine (temperature 0) and the RL rollout's tool loop; `examples` > 0 keeps that many
+    (prompt, last reply, correct) samples per domain and mode."""
+    from ..rl.rollout import rollout
+    from ..serve.engine import Engine
+    from ..serve.sampling import SamplingParams
+
+    tok = ByteTokenizer()
+    engine = Engine(model, max_batch=max_batch, eos_id=tok.eos_id, decode=tok.decode, vocab_limit=tok.vocab_size)
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     was_training = model.training
     model.eval()
     t0, acc, details = time.time(), {}, {}
     try:
         for domain, tasks in tasks_by_domain.items():
             for mode in modes:
-                thinking = MODES[mode]
-                recs = run_conversations(model, tasks, thinking=thinking, max_tokens=max_tokens,
-                                         batch_size=batch_size)
-                d = summarize(recs, thinking, any(t.meta.get("tools") for t in tasks))
+                samples = rollout(engine, tok, tasks, group_size=1, params=greedy, thinking=MODES[mode],
+                                  max_turns=max_turns)
+                d = score(samples, tok)
                 if examples:
-                    d["examples"] = [{"prompt": t.prompt, "reply": r["text"], "correct": r["correct"]}
-                                     for t, r in list(zip(tasks, recs))[:examples]]
+                    d["examples"] = [{"prompt": s.task.prompt, "reply": s.text, "correct": correct(s)}
+                                     for s in samples[:examples]]
                 acc.setdefault(domain, {})[mode] = d["accuracy"]
                 details.setdefault(domain, {})[mode] = d
     finally:
@@ -172,7 +116,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="both", choices=("both", "thinking", "non-thinking", "non_thinking"))
     p.add_argument("--max-tokens", type=int, default=96, help="new tokens per assistant turn")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     p.add_argument("--examples", type=int, default=0, help="keep this many sample replies per domain and mode")
     p.add_argument("--out", default=None, metavar="FILE.json")
     args = p.parse_args(argv)
@@ -191,7 +135,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--domains: unknown {bad}; choose from {', '.join(T.DOMAINS)}")
         by_domain = heldout_tasks(names, args.n, args.seed, args.difficulty)
     modes = tuple(MODES) if args.mode == "both" else ("thinking",) if args.mode == "thinking" else ("non_thinking",)
-    result = evaluate_suites(model, by_domain, modes=modes, max_tokens=args.max_tokens, batch_size=args.batch_size,
+    result = evaluate_suites(model, by_domain, modes=modes, max_tokens=args.max_tokens, max_batch=args.max_batch,
                              examples=args.examples)
     result.update(model=str(args.model), tasks=args.tasks or "built-in held-out", n=args.n)
     for domain, by_mode in result["details"].items():
