@@ -133,6 +133,8 @@ def test_bad_arguments_are_value_errors():
         T.make_tasks("math", 1, difficulty=4)
     with pytest.raises(ValueError, match="distinct logic tasks"):
         T.make_tasks("logic", 5000, split="heldout", difficulty=1)  # only 10*9*8 orders x 2 questions x 2 shuffles
+    some = T.make_tasks("logic", 5000, split="heldout", difficulty=1, allow_fewer=True)
+    assert 500 < len(some) < 5000 and len({t.prompt for t in some}) == len(some)
 
 
 def test_load_tasks_jsonl(tmp_path):

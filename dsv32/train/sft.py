@@ -56,13 +56,17 @@ def encode(messages: list[dict], tokenizer, *, thinking: bool, tools=None, domai
 
 def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool], *, seed: int = 0,
                   difficulty: int = 1, tokenizer=None) -> list[Example]:
-    """Worked solutions of generated training tasks; `domains` maps a domain to its weight (x tasks)."""
+    """Worked solutions of `n_per_domain * weight` generated training tasks per domain, in each mode; a domain
+    with fewer distinct training tasks repeats them (so the weights still set the mix)."""
     from ..rl import tasks as T
 
     tokenizer = tokenizer or ByteTokenizer()
     out = []
     for domain, weight in domains.items():
-        for task in T.make_tasks(domain, n_per_domain * weight, split="train", seed=seed, difficulty=difficulty):
+        want = n_per_domain * weight
+        pool = T.make_tasks(domain, want, split="train", seed=seed, difficulty=difficulty, allow_fewer=True)
+        for k in range(want):
+            task = pool[k % len(pool)]
             for thinking in modes:
                 out.append(encode(T.task_messages(task, thinking=thinking), tokenizer, thinking=thinking,
                                   tools=T.tools_for(task), domain=domain))
