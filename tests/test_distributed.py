@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,16 @@ def _entry(rank: int, fn, port: int, args) -> None:
         fn(ctx, *args)
 
 
-def _spawn(fn, *args) -> None:
-    mp.start_processes(_entry, args=(fn, _free_port(), args), nprocs=WORLD, start_method="spawn", join=True)
+def _spawn(fn, *args, timeout_s: float = 300.0) -> None:
+    """Run fn(ctx, *args) on WORLD fresh processes; a worker's exception fails the test with its traceback."""
+    procs = mp.start_processes(_entry, args=(fn, _free_port(), args), nprocs=WORLD, start_method="spawn",
+                               join=False)
+    deadline = time.monotonic() + timeout_s
+    while not procs.join(timeout=1.0):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in procs.processes:
+                proc.kill()
+            pytest.fail(f"the {WORLD} worker processes did not finish within {timeout_s:.0f} s (a collective hung?)")
 
 
 # -- the two-process session: everything two ranks do, in one launch ------------------------------

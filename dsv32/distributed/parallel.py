@@ -10,8 +10,9 @@ context is process-global (`current()`): the training loop, the stages and later
 instead of reading rank globals, and the model never sees it.
 
 Data parallelism averages gradients over ranks (FSDP's reduce-scatter), so W ranks with B/W rows each
-train exactly like one process with gradient accumulation over W micro-batches of B/W rows; when every
-row has the same number of target tokens this is also one process with B rows.
+take the same steps as one process accumulating gradients over W micro-batches of B/W rows (up to float
+rounding). Each rank's loss is a mean over its own tokens, so this equals one process with B rows only
+when every slice holds the same number of target tokens.
 """
 
 from __future__ import annotations
