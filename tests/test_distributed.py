@@ -335,6 +335,10 @@ def test_context_shards_and_errors(monkeypatch, tmp_path):
     from dsv32.distributed import parallel
     from dsv32.train import train
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started us, but nobody joined the group
+    with pytest.raises(ValueError, match="never joined the process group"):
+        train(Transformer(make_config()), stages.Stream(None, 1), TrainConfig(out_dir=str(tmp_path)))
     monkeypatch.setattr(parallel, "_current", D.DistContext(rank=0, world_size=2))
     with pytest.raises(ValueError, match="unsharded model"):
         train(Transformer(make_config()), stages.Stream(None, 1), TrainConfig(out_dir=str(tmp_path)))
+    assert not (tmp_path / "metrics.jsonl").exists()

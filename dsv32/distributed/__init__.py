@@ -9,8 +9,8 @@ through `checkpoint.py`. Trainers consult `current()` (rank, world size, device,
 
 from . import checkpoint
 from .checkpoint import copy_weights, export_hf, full_state_dict, load_dcp, restore, save_dcp
-from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, current, init, is_sharded, parallelize, session,
-                       shutdown)
+from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, check_ready, current, init, is_sharded,
+                       parallelize, session, shutdown)
 
 
 class NullMetrics:
@@ -23,6 +23,6 @@ class NullMetrics:
         pass
 
 
-__all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "bf16_policy", "checkpoint", "copy_weights",
-           "current", "export_hf", "full_state_dict", "init", "is_sharded", "load_dcp", "parallelize", "restore",
-           "save_dcp", "session", "shutdown"]
+__all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "bf16_policy", "check_ready", "checkpoint",
+           "copy_weights", "current", "export_hf", "full_state_dict", "init", "is_sharded", "load_dcp", "parallelize",
+           "restore", "save_dcp", "session", "shutdown"]

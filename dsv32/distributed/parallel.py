@@ -165,6 +165,22 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def check_ready(model: nn.Module) -> None:
+    """Raise a clear error when a trainer is about to run unsynchronised copies of one job.
+
+    Under torchrun every process must join the group (`init`/`session`) and shard its model
+    (`parallelize`); otherwise each would train alone and all would write the same run directory.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world > 1 and not _current.enabled:
+        raise ValueError(f"started by torchrun with WORLD_SIZE={world}, but this command never joined the process "
+                         "group; wrap it in `with dsv32.distributed.session():` and call "
+                         "dsv32.distributed.parallelize(model) before training")
+    if _current.enabled and not is_sharded(model):
+        raise ValueError(f"running on {_current.world_size} ranks with an unsharded model; call "
+                         "dsv32.distributed.parallelize(model) before training")
+
+
 # -- parallelism ---------------------------------------------------------------------------------
 
 
