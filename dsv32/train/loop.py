@@ -74,10 +74,8 @@ def train(model, batches, cfg: TrainConfig, loss_fn: Callable | None = None, gro
         if not hasattr(batches, name):
             raise ValueError(f"batches has no {name}(); pass an iterator object with __next__, state_dict() and "
                              "load_state_dict() so checkpoints can resume the data stream")
+    distributed.check_ready(model)  # under torchrun: the process group is joined and the model sharded
     dist = distributed.current()
-    if dist.enabled and not distributed.is_sharded(model):
-        raise ValueError(f"running on {dist.world_size} ranks with an unsharded model; call "
-                         "dsv32.distributed.parallelize(model) before training")
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, cfg, groups)
     own_metrics = metrics is None
