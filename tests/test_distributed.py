@@ -29,6 +29,16 @@ from dsv32.train import TrainConfig, build_optimizer, checkpoint as train_checkp
 B, T, WORLD = 4, 24, 2  # T > make_config's top-k 8: sparse attention really selects
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread here as in each worker: the models are tiny, and on a busy 2-core machine a
+    second OpenMP thread makes these steps tens of times slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model() -> Transformer:
     torch.manual_seed(0)
     return scale_weights(Transformer(make_config()), std=0.2)
