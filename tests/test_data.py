@@ -218,3 +218,14 @@ def test_validation_split_is_disjoint_from_training():
     val = build_documents(512, seed=0, n_synthetic=10, min_synthetic_length=256, split="val")
     as_text = lambda docs: {d if isinstance(d, str) else d.text for d in docs}  # noqa: E731
     assert as_text(train).isdisjoint(as_text(val)) and len(val) > 10
+
+
+def test_natural_documents_do_not_depend_on_what_was_imported_before():
+    import subprocess
+    import sys
+
+    code = "from dsv32.data import natural_documents as n; import hashlib; print(hashlib.sha1(repr(n()).encode()).hexdigest())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    after = subprocess.run([sys.executable, "-c", "import json.decoder, logging.handlers, email.mime; " + code],
+                           capture_output=True, text=True, check=True).stdout
+    assert plain == after and len(plain.strip()) == 40

@@ -13,6 +13,7 @@ Legend: N rows, L = seq_len + 1 tokens per row (inputs and shifted targets come 
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 from dataclasses import dataclass, field
 
@@ -43,7 +44,10 @@ def natural_documents(modules=DOC_MODULES, min_chars: int = 40) -> list[str]:
     docs, seen = [], set()
     for name in modules:
         mod = importlib.import_module(name)
-        for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
+        # Submodules are skipped: whether `json.decoder` is an attribute of `json` depends on what the
+        # process imported before, and the corpus must not.
+        members = [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]
+        for obj in [mod] + [m for m in members if not inspect.ismodule(m)]:
             doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str) and len(doc.strip()) >= min_chars and doc.strip() not in seen:
                 seen.add(doc.strip())
