@@ -19,6 +19,12 @@
                                 [--domains math:3,tool:2] [--data FILE.jsonl] [--mode both] [--steps N --lr X])
     dsv32 rl                   GRPO with the V3.2 fixes and the divergence guard (--preset tiny-math --init-from DIR
                                 --out DIR [--steps N --minutes M --loss.beta=0.001 ...]; writes OUT/final/, report.json)
+    dsv32 distill generate     a specialist's best-of-N verified answers in both modes as JSONL records
+                                (--model DIR --domain math --out FILE.jsonl [--prompts N --samples N])
+    dsv32 distill train        SFT of one generalist on the records, optional on-policy reverse KL
+                                (--init-from DIR --data FILE.jsonl --out DIR [--on-policy-steps N --teacher math=DIR])
+    dsv32 pipeline             every stage: DSA recipe, SFT, specialists, data, distillation, mixed RL, Speciale,
+                                evaluation, report (--preset tiny|micro --out DIR [--from STAGE] [--sft.steps=N])
     dsv32 serve --model DIR    OpenAI-compatible server (--host 127.0.0.1 --port 8000 --api-key K --max-batch 32)
     dsv32 chat --model DIR     terminal chat, streaming; /think toggles thinking, /reset, /exit
     dsv32 bench serve          decode tokens/s at batch 1, 8, 32, dense and sparse, short and long context
@@ -73,6 +79,19 @@ def _eval(rest: list[str]) -> int:
     return long_context.main(rest[1:])
 
 
+def _distill(rest: list[str]) -> int:
+    if not rest or rest[0] not in ("generate", "train"):
+        raise ValueError("distill: name a step, `dsv32 distill generate --model DIR --domain math --out FILE.jsonl` "
+                         "or `dsv32 distill train --init-from DIR --data FILE.jsonl --out DIR`")
+    if rest[0] == "generate":
+        from .distill import generate
+
+        return generate.main(rest[1:])
+    from .distill import train
+
+    return train.main(rest[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dsv32", description="DeepSeek-V3.2 training system (DSA, GRPO, distillation)")
@@ -91,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     sub.add_parser("sft", help="SFT on chat conversations: `dsv32 sft --init-from DIR --out DIR`", add_help=False)
     sub.add_parser("rl", help="GRPO: `dsv32 rl --preset tiny-math --init-from DIR --out DIR`", add_help=False)
+    sub.add_parser("distill", help="`dsv32 distill generate` (specialist data) / `dsv32 distill train` (generalist)",
+                   add_help=False)
+    sub.add_parser("pipeline", help="every stage end to end with its report: `dsv32 pipeline --preset tiny`",
+                   add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible server: `dsv32 serve --model DIR`", add_help=False)
     sub.add_parser("chat", help="terminal chat: `dsv32 chat --model DIR`", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -130,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             from .rl import trainer
 
             return trainer.main(rest)
+        if args.command == "distill":
+            return _distill(rest)
+        if args.command == "pipeline":
+            from . import pipeline
+
+            return pipeline.main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         {"presets": _presets, "info": _info}[args.command](args)

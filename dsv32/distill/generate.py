@@ -1,0 +1,233 @@
+"""Dual-mode data generation (`dsv32 distill generate`, rl-distill-anchors.md §6.1 item 9, §4.4).
+
+    dsv32 distill generate --model runs/p/specialist-math/final --domain math --out data/math.jsonl
+    dsv32 distill generate --model DIR --domain tool --prompts 300 --samples 4 --modes thinking --out tool.jsonl
+
+A specialist answers its domain's TRAINING prompts (never the held-out split) in thinking and in
+non-thinking mode, `samples` candidates per prompt through the serving engine and the RL rollout's tool
+loop. A candidate is kept only if it verifies (finished, well formed, its final answer checks with
+`rl.tasks.verify`; non-thinking: no reasoning block anywhere); of the verified ones the best by the domain's
+rubric (ties: the shortest) becomes the record (rejection sampling, best of N). Records are deduplicated on
+(mode, prompt) and on (mode, reply). One JSON object per line:
+
+    {"messages": [...], "reasoning_content": str | None, "mode": "thinking" | "non_thinking", "domain": "math",
+     "source_model": "specialist-math", "verifier_scores": {"total": 1.5, "correctness": 1.0, ...},
+     "tools": [...] | absent}
+
+which `dsv32 sft --data` and `dsv32 distill train` read. Statistics per domain and mode (prompts, candidates,
+verified rate, prompt yield, duplicates, records, mean length) go beside the file as `<name>.stats.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.chat import parse_assistant
+from ..data.tokenizer import ByteTokenizer
+
+MODES = {"thinking": True, "non_thinking": False}
+
+
+@dataclass
+class GenerateConfig:
+    prompts: int = 256            # training prompts per domain (each answered in every mode)
+    samples: int = 4              # candidates per prompt (best of N)
+    temperature: float = 0.8
+    max_tokens: int = 96          # per model turn
+    max_turns: int = 3            # model turns in the tool loop
+    difficulty: int = 1
+    modes: tuple = ("thinking", "non_thinking")
+    max_batch: int = 64           # requests decoded together
+    seed: int = 0
+
+    def __post_init__(self):
+        self.modes = tuple(m.replace("-", "_") for m in self.modes)
+        checks = [("prompts", self.prompts >= 1, "must be >= 1"), ("samples", self.samples >= 1, "must be >= 1"),
+                  ("temperature", self.temperature > 0, "must be > 0 (best of N needs distinct candidates)"),
+                  ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+                  ("modes", bool(self.modes) and set(self.modes) <= set(MODES),
+                   "must name thinking and/or non_thinking")]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"GenerateConfig.{name}={getattr(self, name)!r} {why}")
+
+
+@dataclass
+class Stats:
+    prompts: int = 0
+    candidates: int = 0
+    verified: int = 0             # candidates that verified
+    prompts_verified: int = 0     # prompts with at least one verified candidate
+    duplicates: int = 0           # verified winners dropped as duplicates
+    records: int = 0
+    tokens: int = 0               # generated tokens of the kept records
+    reward: float = 0.0           # summed rubric total of the kept records
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        n = max(self.records, 1)
+        return {"prompts": self.prompts, "candidates": self.candidates, "verified": self.verified,
+                "verified_rate": self.verified / max(self.candidates, 1),
+                "prompt_yield": self.prompts_verified / max(self.prompts, 1), "duplicates": self.duplicates,
+                "records": self.records, "mean_length": self.tokens / n, "mean_reward": self.reward / n}
+
+
+def verified(sample, tokenizer) -> bool:
+    """Finished, well formed, the final answer verifies; a non-thinking reply has no reasoning block anywhere."""
+    from ..eval.suites import correct
+
+    if not correct(sample) or not parse_assistant(sample.text, thinking=sample.thinking)["well_formed"]:
+        return False
+    if sample.thinking:
+        return True
+    generated = tokenizer.decode([t for t, m in zip(sample.ids, sample.gen_mask) if m])
+    return "<think>" not in generated and "</think>" not in generated
+
+
+def record_of(sample, domain: str, source_model: str, scores: dict) -> dict:
+    """A verified sample as a distillation record (the transcript the template renders back exactly)."""
+    from ..rl import tasks as T
+
+    messages = []
+    for m in sample.transcript:
+        m = {k: v for k, v in m.items() if v not in (None, [])}
+        if m["role"] == "assistant":
+            m.setdefault("content", "")
+            if not sample.thinking:
+                m.pop("reasoning_content", None)
+        messages.append(m)
+    last = [m for m in messages if m["role"] == "assistant"][-1]
+    rec = {"messages": messages, "reasoning_content": last.get("reasoning_content"),
+           "mode": "thinking" if sample.thinking else "non_thinking", "domain": domain,
+           "source_model": source_model, "verifier_scores": scores}
+    tools = T.tools_for(sample.task)
+    if tools:
+        rec["tools"] = tools
+    return rec
+
+
+@torch.no_grad()
+def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokenizer=None) -> tuple[list[dict], dict]:
+    """(records, stats per mode) of one specialist on its domain's training prompts."""
+    from ..rl import tasks as T
+    from ..rl.presets import DEFAULT_RUBRIC
+    from ..rl.rollout import rollout
+    from ..rl.rubric import Rubric
+    from ..serve.engine import Engine
+    from ..serve.sampling import SamplingParams
+
+    tok = tokenizer or ByteTokenizer()
+    tasks = T.make_tasks(domain, cfg.prompts, split="train", seed=cfg.seed, difficulty=cfg.difficulty,
+                         allow_fewer=True)
+    engine = Engine(model, max_batch=cfg.max_batch, eos_id=tok.eos_id, decode=tok.decode,
+                    vocab_limit=min(tok.vocab_size, model.cfg.vocab_size))
+    rubric = Rubric(DEFAULT_RUBRIC)
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+    was_training = model.training
+    model.eval()
+    records, stats = [], {}
+    try:
+        for mode in cfg.modes:
+            torch.manual_seed(cfg.seed + (0 if mode == "thinking" else 1))
+            samples = rollout(engine, tok, tasks, group_size=cfg.samples, params=params, thinking=MODES[mode],
+                              max_turns=cfg.max_turns)
+            st, seen_prompts, seen_replies = Stats(prompts=len(tasks), candidates=len(samples)), set(), set()
+            for uid in range(len(tasks)):
+                group = samples[uid * cfg.samples:(uid + 1) * cfg.samples]
+                scored = []
+                for s in group:
+                    if not verified(s, tok):
+                        continue
+                    info = {"thinking": s.thinking, "truncated": s.truncated, "n_tokens": s.n_generated,
+                            "max_tokens": cfg.max_tokens * s.turns, "transcript": s.transcript}
+                    total, comps = rubric.score(s.text, s.task, info)
+                    scored.append((total if total is not None else 0.0, -s.n_generated, s, comps))
+                st.verified += len(scored)
+                if not scored:
+                    continue
+                st.prompts_verified += 1
+                total, _, best, comps = max(scored, key=lambda x: (x[0], x[1]))
+                reply = tok.decode([t for t, m in zip(best.ids, best.gen_mask) if m])
+                key_p, key_r = " ".join(best.task.prompt.split()), (" ".join(best.task.prompt.split()), reply)
+                if key_p in seen_prompts or key_r in seen_replies:
+                    st.duplicates += 1
+                    continue
+                seen_prompts.add(key_p)
+                seen_replies.add(key_r)
+                scores = {"total": total, **{k: v for k, v in comps.items() if v is not None}}
+                records.append(record_of(best, domain, source_model, scores))
+                st.records += 1
+                st.tokens += best.n_generated
+                st.reward += total
+            stats[mode] = st.summary()
+    finally:
+        model.train(was_training)
+    return records, stats
+
+
+def write_jsonl(path, records: list[dict]) -> Path:
+    """One JSON object per line, written to a temporary file and renamed (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def write_json(path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def stats_path(jsonl) -> Path:
+    p = Path(jsonl)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".stats.json")
+
+
+def main(argv: list[str]) -> int:
+    """`dsv32 distill generate`: records to --out, statistics to <out>.stats.json."""
+    from ..rl.tasks import DOMAINS
+    from ..train.stages import build_model
+
+    d = GenerateConfig()
+    p = argparse.ArgumentParser(prog="dsv32 distill generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, metavar="DIR", help="the specialist (a save_pretrained or run directory)")
+    p.add_argument("--domain", required=True, help=f"its domain: {', '.join(DOMAINS)}")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument("--source-name", default=None, help="source_model in the records (default: the --model path)")
+    p.add_argument("--prompts", type=int, default=d.prompts)
+    p.add_argument("--samples", type=int, default=d.samples, help="candidates per prompt (best of N)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--difficulty", type=int, default=d.difficulty)
+    p.add_argument("--modes", default="thinking,non_thinking")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.domain not in DOMAINS:
+        raise ValueError(f"--domain {args.domain!r}: choose one of {', '.join(DOMAINS)}")
+    cfg = GenerateConfig(prompts=args.prompts, samples=args.samples, temperature=args.temperature,
+                         max_tokens=args.max_tokens, difficulty=args.difficulty, seed=args.seed,
+                         modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()))
+    model = build_model(init_from=args.model)
+    records, stats = generate(model, args.domain, cfg, args.source_name or str(args.model))
+    write_jsonl(args.out, records)
+    write_json(stats_path(args.out), {"domain": args.domain, "config": asdict(cfg), "modes": stats})
+    for mode, s in stats.items():
+        print(f"{args.domain:10} {mode:13} {s['records']:5d} records from {s['prompts']} prompts x {cfg.samples} "
+              f"(verified {s['verified_rate']:.2f}, yield {s['prompt_yield']:.2f}, dup {s['duplicates']}, "
+              f"len {s['mean_length']:.1f})", flush=True)
+    print(f"distill generate: wrote {args.out}", flush=True)
+    return 0

@@ -1,0 +1,408 @@
+"""The whole V3.2 system on one command (`dsv32 pipeline`, what `make demo` runs; SYSTEM.md "The pipeline").
+
+    dsv32 pipeline --preset tiny                      # runs/pipeline-tiny/: report.md, report.json, PNG plots
+    dsv32 pipeline --preset tiny --out DIR --from specialist-math     # redo that stage and every later one
+    dsv32 pipeline --preset micro --out /tmp/p --sft.steps=5          # dotted overrides of the preset
+
+Stages (each writes OUT/<stage>/, a finished one is skipped on rerun, an interrupted one resumes from its
+checkpoints):
+
+    pretrain, dsa-warmup, dsa-sparse, dense-control   the DSA recipe (`dsv32.train.recipe`; its `dsa` report)
+    sft                    cold start on generated tasks, all domains, both modes, sparse attention -> `base`
+    specialist-<domain>    GRPO per domain (math, tool, logic, alignment) from `base`, thinking then non-thinking
+    generate               each specialist answers its domain's training prompts in both modes: best of N,
+                           verified, deduplicated JSONL records + statistics
+    distill                one generalist: SFT of `base` on the union (optionally on-policy reverse KL)
+    mixed-rl               one GRPO stage over every domain with all rewards -> `generalist`
+    speciale               math only, relaxed length penalty, β = 0, from the generalist -> `speciale`
+    eval                   every model on every domain's held-out set in both modes (greedy)
+    report                 report.md, report.json (eval, timeline, dsa, rl, data, checks) and PNG plots
+
+A progress line per stage gives its time; `report.json` keeps `timeline` (stage -> seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .distill import specialists as S
+from .distill.generate import GenerateConfig, write_json
+
+RECIPE_STAGES = ("pretrain", "dsa-warmup", "dsa-sparse", "dense-control")
+
+
+@dataclass
+class PipelineConfig:
+    """Stage settings; each dict holds the keyword arguments of what the stage calls."""
+
+    name: str = "tiny"
+    recipe: dict = field(default_factory=dict)       # dsv32.train.recipe.Recipe fields
+    sft: dict = field(default_factory=dict)          # steps lr batch_size seq_len warmup_steps tasks_per_domain domains
+    specialists: dict = field(default_factory=dict)  # domains, steps {mode: n}, rl {RLConfig overrides}
+    generate: dict = field(default_factory=dict)     # GenerateConfig fields
+    distill: dict = field(default_factory=dict)      # steps lr batch_size seq_len warmup_steps on_policy_steps
+    mixed: dict = field(default_factory=dict)        # steps {mode: n}, rl {RLConfig overrides}
+    speciale: dict = field(default_factory=dict)     # steps, rl {RLConfig overrides}
+    eval: dict = field(default_factory=dict)         # n, max_tokens, max_batch
+
+    def replace(self, **dotted) -> "PipelineConfig":
+        """A copy with dotted overrides (`sft.steps`, `specialists.steps.thinking`, `recipe.pretrain_steps`)."""
+        d = copy.deepcopy(asdict(self))
+        for key, value in dotted.items():
+            parts, target = key.split("."), d
+            if parts[0] not in d:
+                raise ValueError(f"pipeline override {key!r}: unknown section {parts[0]!r}; sections: "
+                                 f"{', '.join(f.name for f in fields(self))}")
+            for part in parts[:-1]:
+                target = target.setdefault(part, {})
+                if not isinstance(target, dict):
+                    raise ValueError(f"pipeline override {key!r}: {part!r} is not a section")
+            target[parts[-1]] = value
+        return PipelineConfig(**d)
+
+    def stages(self) -> tuple[str, ...]:
+        return (*RECIPE_STAGES, "sft", *(f"specialist-{d}" for d in self.specialists["domains"]), "generate",
+                "distill", "mixed-rl", "speciale", "eval", "report")
+
+
+_EVAL_RL = {"eval_n": 64}   # the RL runs' own before/after check; the pipeline's eval stage is the real one
+
+
+def tiny() -> PipelineConfig:
+    """The `make demo` run: the tiny model through every stage, budgeted for 25 minutes on a 2-core CPU."""
+    return PipelineConfig(
+        name="tiny",
+        recipe=dict(seq_len=512, batch_size=8, pretrain_steps=300, warmup_steps=60, sparse_steps=80,
+                    n_synthetic=600, eval_lengths=(256, 512), eval_n=6, val_rows=8),
+        sft=dict(steps=240, lr=2e-3, batch_size=8, seq_len=640, warmup_steps=20, tasks_per_domain=1500),
+        specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 12, "non_thinking": 6},
+                         rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
+        generate=dict(prompts=160, samples=4, temperature=0.8, max_tokens=64),
+        distill=dict(steps=120, lr=1e-3, batch_size=8, seq_len=640, warmup_steps=10, on_policy_steps=0),
+        mixed=dict(steps={"thinking": 12}, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
+        speciale=dict(steps=12, rl={**_EVAL_RL, "prompts_per_step": 8}),
+        eval=dict(n=64, max_tokens=64, max_batch=64),
+    )
+
+
+def micro() -> PipelineConfig:
+    """Every stage in about a minute on a CPU (the test of `dsv32 pipeline`): a 2-layer model, a few steps each;
+    the SFT leans on alignment and logic, the domains a model this small answers first, so that the specialists
+    produce verified records for the distillation stage."""
+    model = {"n_layers": 2, "dim": 128, "inter_dim": 256, "moe.moe_inter_dim": 64, "moe.n_dense_layers": 1,
+             "mla.n_heads": 2, "mla.q_lora_rank": 32, "mla.kv_lora_rank": 32, "indexer.n_heads": 2,
+             "indexer.head_dim": 16, "indexer.topk": 32}
+    rl = {"eval_n": 4, "prompts_per_step": 2, "group_size": 2, "max_tokens": 12, "max_turns": 2, "warmup_steps": 1,
+          "n_train_tasks": 16, "ckpt_every": 100}
+    return PipelineConfig(
+        name="micro",
+        recipe=dict(seq_len=320, batch_size=2, pretrain_steps=4, warmup_steps=3, sparse_steps=3, n_synthetic=8,
+                    eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
+        sft=dict(steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
+                 domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
+        specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 1, "non_thinking": 1}, rl=rl),
+        generate=dict(prompts=16, samples=4, temperature=0.7, max_tokens=24, max_turns=2),
+        distill=dict(steps=3, lr=2e-3, batch_size=2, seq_len=640, warmup_steps=1, on_policy_steps=0),
+        mixed=dict(steps={"thinking": 1}, rl=rl),
+        speciale=dict(steps=1, rl={k: v for k, v in rl.items() if k != "max_tokens"}),
+        eval=dict(n=3, max_tokens=12, max_batch=16),
+    )
+
+
+PRESETS = {"tiny": tiny, "micro": micro}
+
+
+def get(name: str) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown pipeline preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# -- RL configs of the generalist and of Speciale ---------------------------------------------------------
+
+
+def mixed_config(p: PipelineConfig, mode: str = "thinking", steps: int | None = None):
+    """V3.2's mixed RL: every specialist domain in one run, all rewards (`tiny-mixed` + the pipeline's settings)."""
+    from .rl import presets as rl_presets
+
+    steps = p.mixed["steps"].get(mode, 1) if steps is None else steps
+    return rl_presets.tiny_mixed().replace(**{"name": f"generalist-mixed-{mode.replace('_', '-')}",
+                                              "domains": {d: 1 for d in p.specialists["domains"]},
+                                              "thinking": mode == "thinking", "steps": steps, **p.mixed.get("rl", {})})
+
+
+def speciale_config(p: PipelineConfig):
+    """Math only, relaxed length penalty (a larger budget and a smaller weight than the generalist's), β = 0
+    (`tiny-speciale` + the pipeline's settings); raises when the overrides undo the relaxation."""
+    from .rl import presets as rl_presets
+
+    cfg = rl_presets.tiny_speciale().replace(**{"name": "speciale", "steps": p.speciale["steps"],
+                                                **p.speciale.get("rl", {})})
+    gen = mixed_config(p)
+    budget, gen_budget = cfg.length_budget or cfg.max_tokens, gen.length_budget or gen.max_tokens
+    weight = cfg.rubric.get("math", cfg.rubric.get("*", {})).get("length", 0.0)
+    gen_weight = gen.rubric.get("math", gen.rubric.get("*", {})).get("length", 0.0)
+    if set(cfg.domains) != {"math"} or budget <= gen_budget or weight >= gen_weight or cfg.beta("math") > 1e-3:
+        raise ValueError(f"speciale config must be math only with a larger length budget ({budget} vs the "
+                         f"generalist's {gen_budget}), a smaller length weight ({weight} vs {gen_weight}) and "
+                         f"beta ~ 0 ({cfg.beta('math')}); fix the speciale.rl overrides")
+    return cfg
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """One pipeline run in `out`; `run()` does every unfinished stage in order."""
+
+    def __init__(self, cfg: PipelineConfig, out, log=print):
+        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.out / "pipeline_state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+
+    def final(self, stage: str) -> Path:
+        return self.out / stage / "final"
+
+    def models(self) -> dict[str, Path]:
+        """The evaluated models: name -> directory."""
+        m = {"base": self.final("sft")}
+        m.update({f"specialist-{d}": self.final(f"specialist-{d}") for d in self.cfg.specialists["domains"]})
+        m.update({"distilled": self.final("distill"), "generalist": self.final("mixed-rl"),
+                  "speciale": self.final("speciale")})
+        return m
+
+    def redo_from(self, stage: str) -> None:
+        """Forget `stage` and every later one (their folders too)."""
+        order = self.cfg.stages()
+        if stage not in order:
+            raise ValueError(f"--from {stage!r}: not a stage; stages: {', '.join(order)}")
+        for s in order[order.index(stage):]:
+            shutil.rmtree(self.out / s, ignore_errors=True)
+            self.state.pop(s, None)
+        if stage in RECIPE_STAGES:
+            self.state.pop("dsa", None)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        write_json(self.state_file, self.state)
+
+    def run(self) -> dict:
+        from . import report
+
+        write_json(self.out / "pipeline.json", asdict(self.cfg))
+        t_all = time.time()
+        self._recipe()
+        steps = [("sft", self._sft)] + [(f"specialist-{d}", lambda d=d: self._specialist(d))
+                                        for d in self.cfg.specialists["domains"]]
+        steps += [("generate", self._generate), ("distill", self._distill), ("mixed-rl", self._mixed),
+                  ("speciale", self._speciale), ("eval", self._eval)]
+        for name, fn in steps:
+            self._stage(name, fn)
+        self._stage("report", lambda: {"report": str(report.build(self.out, self.state, self.models()))})
+        result = report.build(self.out, self.state, self.models())   # again: with the report stage's own time
+        self.log(f"[pipeline] finished in {time.time() - t_all:.0f} s this run; report: {result}")
+        return json.loads((self.out / "report.json").read_text())
+
+    def _stage(self, name: str, fn) -> None:
+        order = self.cfg.stages()
+        tag = f"[pipeline {order.index(name) + 1}/{len(order)}] {name}"
+        if name in self.state:
+            self.log(f"{tag}: done before ({self.state[name]['seconds']:.0f} s), skipped")
+            return
+        self.log(f"{tag} ...")
+        t0 = time.time()
+        summary = fn() or {}
+        self.state[name] = {"seconds": time.time() - t0, **summary}
+        self._save_state()
+        note = summary.get("note", "")
+        self.log(f"{tag}: done in {self.state[name]['seconds']:.0f} s" + (f" ({note})" if note else ""))
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    def _recipe(self) -> None:
+        from .train import recipe
+
+        if "dsa" in self.state and all((self.final(s) / "config.json").is_file() for s in RECIPE_STAGES):
+            self.log(f"[pipeline 1-{len(RECIPE_STAGES)}/{len(self.cfg.stages())}] DSA recipe: done before, skipped")
+            return
+        self.log(f"[pipeline 1-{len(RECIPE_STAGES)}/{len(self.cfg.stages())}] DSA recipe: "
+                 f"{', '.join(RECIPE_STAGES)} ...")
+        dsa = recipe.run(recipe.Recipe.from_dict(self.cfg.recipe), self.out, log=self.log)
+        timeline = json.loads((self.out / "timeline.json").read_text())
+        for s in RECIPE_STAGES:
+            self.state.setdefault(s, {"seconds": timeline.get(s, 0.0)})
+        self.state["dsa"] = {"seconds": timeline.get("evaluation", 0.0), "val_loss_sparse": dsa["val_loss_sparse"],
+                             "val_loss_dense": dsa["val_loss_dense"], "recall_stage1": dsa["recall_stage1"]}
+        for stage, start in (("dsa-warmup", "pretrain"), ("dsa-sparse", "dsa-warmup"), ("dense-control", "dsa-warmup")):
+            self.state[stage]["change"] = param_change(self.final(start), self.final(stage))
+        self._save_state()
+        self.log("[pipeline] DSA recipe: done (" + ", ".join(f"{s} {timeline.get(s, 0):.0f} s" for s in RECIPE_STAGES)
+                 + f", eval {timeline.get('evaluation', 0):.0f} s)")
+
+    def _sft(self) -> dict:
+        from .data.tokenizer import ByteTokenizer
+        from .train import sft
+        from .train.metrics import Metrics
+        from .train.optim import TrainConfig
+        from .train.stages import build_model
+
+        c = {**sft.DEFAULTS, "domains": dict(sft.DEFAULT_DOMAINS), **self.cfg.sft}
+        init = self.final("dsa-sparse")
+        model = build_model(init_from=init)
+        examples = sft.task_examples(c["domains"], c["tasks_per_domain"], [True, False], seed=0,
+                                     difficulty=c["difficulty"], tokenizer=ByteTokenizer())
+        data = sft.SFTData(examples, c["seq_len"], 0)
+        tcfg = TrainConfig(lr=c["lr"], steps=c["steps"], batch_size=c["batch_size"], seq_len=c["seq_len"],
+                           warmup_steps=min(c["warmup_steps"], c["steps"]), log_every=max(c["steps"] // 5, 1),
+                           out_dir=str(self.out / "sft"))
+        with Metrics(self.out / "sft", echo=False) as m:
+            s = sft.run_sft(model, data, tcfg, metrics=m)
+        model.save_pretrained(self.final("sft"))
+        return {"steps": s["steps"], "final_loss": s["final_loss"], "attn_mode": model.cfg.attn_mode,
+                "conversations": len(examples), "change": param_change(init, self.final("sft")),
+                "note": f"{len(examples)} conversations, loss {s['final_loss']:.3f}, {model.cfg.attn_mode} attention"}
+
+    def _specialist(self, domain: str) -> dict:
+        sp = self.cfg.specialists
+        runs = S.train_specialist(domain, self.final("sft"), self.out / f"specialist-{domain}", sp["steps"],
+                                  sp.get("rl"), report=self.out / "report.json", log=self.log)
+        change = param_change(self.final("sft"), self.final(f"specialist-{domain}"))
+        return {"runs": {m: {k: r[k] for k in ("before", "after", "steps", "seconds")} for m, r in runs.items()},
+                "change": change, "note": ", ".join(f"{m} {r['before']:.2f} -> {r['after']:.2f}" for m, r in runs.items())}
+
+    def _generate(self) -> dict:
+        from .distill.generate import generate, stats_path, write_jsonl
+        from .train.stages import build_model
+
+        gcfg = GenerateConfig(**self.cfg.generate)
+        out, stats = self.out / "generate", {}
+        for d in self.cfg.specialists["domains"]:
+            path = out / f"{d}.jsonl"
+            if not (path.is_file() and stats_path(path).is_file()):
+                model = build_model(init_from=self.final(f"specialist-{d}"))
+                records, st = generate(model, d, gcfg, source_model=f"specialist-{d}")
+                write_json(stats_path(path), {"domain": d, "config": asdict(gcfg), "modes": st})
+                write_jsonl(path, records)
+            stats[d] = json.loads(stats_path(path).read_text())["modes"]
+        n = sum(s["records"] for by in stats.values() for s in by.values())
+        return {"stats": stats, "records": n, "note": f"{n} records"}
+
+    def _distill(self) -> dict:
+        from .distill import train as distill
+        from .train.metrics import Metrics
+        from .train.optim import TrainConfig
+        from .train.stages import build_model
+
+        c = self.cfg.distill
+        model = build_model(init_from=self.final("sft"))
+        files = [f for f in (self.out / "generate" / f"{d}.jsonl" for d in self.cfg.specialists["domains"])
+                 if f.is_file() and f.stat().st_size > 0]
+        if not files:
+            raise ValueError(f"distill: no specialist produced a verified answer ({self.out / 'generate'}); train "
+                             "the specialists longer or raise generate.samples, then rerun with --from generate")
+        tcfg = TrainConfig(lr=c["lr"], steps=c["steps"], batch_size=c["batch_size"], seq_len=c["seq_len"],
+                           warmup_steps=min(c["warmup_steps"], c["steps"]), log_every=max(c["steps"] // 5, 1),
+                           out_dir=str(self.out / "distill"))
+        with Metrics(self.out / "distill", echo=False) as m:
+            s = distill.distill_sft(model, files, tcfg, metrics=m)
+        summary = {"examples": s["examples"], "modes": s["modes"], "final_loss": s["final_loss"]}
+        if c.get("on_policy_steps"):
+            teachers = {d: build_model(init_from=self.final(f"specialist-{d}")) for d in self.cfg.specialists["domains"]}
+            ocfg = distill.OnPolicyConfig(steps=c["on_policy_steps"], lr=c.get("on_policy_lr", 1e-4))
+            with Metrics(self.out / "distill" / "on_policy", echo=False) as m:
+                summary["on_policy"] = distill.on_policy_distill(model, teachers, ocfg, metrics=m)
+        model.save_pretrained(self.final("distill"))
+        summary["change"] = param_change(self.final("sft"), self.final("distill"))
+        summary["note"] = f"{s['examples']} records, loss {s['final_loss']:.3f}"
+        return summary
+
+    def _mixed(self) -> dict:
+        from .train.stages import build_model
+
+        model = build_model(init_from=self.final("distill"))
+        runs = {}
+        for mode, n in self.cfg.mixed["steps"].items():
+            if n > 0:
+                runs[mode] = S.run_rl(model, mixed_config(self.cfg, mode, n), self.out / "mixed-rl" / mode,
+                                      self.out / "report.json", self.log)
+        model.save_pretrained(self.final("mixed-rl"))
+        return {"runs": {m: {k: r[k] for k in ("before", "after", "steps", "seconds")} for m, r in runs.items()},
+                "change": param_change(self.final("distill"), self.final("mixed-rl"))}
+
+    def _speciale(self) -> dict:
+        from .train.stages import build_model
+
+        model = build_model(init_from=self.final("mixed-rl"))
+        r = S.run_rl(model, speciale_config(self.cfg), self.out / "speciale" / "rl", self.out / "report.json", self.log)
+        model.save_pretrained(self.final("speciale"))
+        return {"runs": {"thinking": {k: r[k] for k in ("before", "after", "steps", "seconds")}},
+                "change": param_change(self.final("mixed-rl"), self.final("speciale"))}
+
+    def _eval(self) -> dict:
+        from .eval.suites import evaluate_suites, heldout_tasks
+        from .train.stages import build_model
+
+        e = self.cfg.eval
+        tasks = heldout_tasks(self.cfg.specialists["domains"], e["n"], seed=0, difficulty=e.get("difficulty", 1))
+        seconds = {}
+        for name, path in self.models().items():
+            dest = self.out / "eval" / f"{name}.json"
+            if not dest.is_file():
+                res = evaluate_suites(build_model(init_from=path), tasks, max_tokens=e["max_tokens"],
+                                      max_batch=e["max_batch"], examples=2)
+                write_json(dest, {"model": name, "path": str(path), **res})
+                self.log(f"  eval {name}: " + ", ".join(f"{d} {a['thinking']:.2f}/{a['non_thinking']:.2f}"
+                                                        for d, a in res["accuracy"].items())
+                         + f" (thinking/non-thinking, {res['seconds']:.0f} s)")
+            seconds[name] = json.loads(dest.read_text())["seconds"]
+        return {"models": list(self.models()), "seconds_by_model": seconds}
+
+
+def param_change(before, after) -> float:
+    """Relative L2 distance of two checkpoints' weights, ||θ_after − θ_before|| / ||θ_before||."""
+    from safetensors.torch import load_file
+
+    def tensors(path: Path) -> dict:
+        out = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = tensors(before), tensors(after)
+    if set(a) != set(b):
+        raise ValueError(f"{before} and {after} hold different tensors; they are not the same architecture")
+    num = sum(float((b[k].float() - a[k].float()).pow(2).sum()) for k in a)
+    den = sum(float(a[k].float().pow(2).sum()) for k in a)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def main(argv: list[str]) -> int:
+    """`dsv32 pipeline`: parse, run, print where the report is."""
+    p = argparse.ArgumentParser(prog="dsv32 pipeline", description=__doc__.split("\n")[0],
+                                epilog="Overrides: --sft.steps=100 --specialists.steps.thinking=20 "
+                                       "--recipe.pretrain_steps=200 ... (sections of PipelineConfig)")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/pipeline-<preset>)")
+    p.add_argument("--from", dest="redo", default=None, metavar="STAGE",
+                   help="redo this stage and every later one (finished stages are otherwise skipped)")
+    args, rest = p.parse_known_args(argv)
+    from .rl.trainer import parse_rl_overrides
+
+    cfg = get(args.preset)
+    overrides = parse_rl_overrides(rest)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    out = Path(args.out or f"runs/pipeline-{args.preset}")
+    job = Pipeline(cfg, out)
+    if args.redo:
+        job.redo_from(args.redo)
+    job.run()
+    print(f"dsv32 pipeline: report in {out / 'report.md'} (and report.json, *.png)", flush=True)
+    return 0
