@@ -7,7 +7,7 @@ run) and gets:
     eval          model -> domain -> mode -> held-out accuracy (fraction 0–1); models `base`,
                   `specialist-<domain>`, `distilled` (after distillation SFT), `generalist`, `speciale`
     eval_details  model -> domain -> mode -> {mean_length, format_ok, no_reasoning_block, ...}
-    timeline      stage -> seconds (plus `total`)
+    timeline      stage -> seconds (plus `total`); timeline_cpu: the same in CPU seconds of the process
     data          generated records: domain -> mode -> {prompts, candidates, verified_rate, records, ...}
     models        model -> {path, change}: relative weight change of each stage against its input
     checks        the issue's acceptance checks on this run's numbers
@@ -82,8 +82,12 @@ def build(out, state: dict, models: dict) -> Path:
     timeline = {s: round(v["seconds"], 1) for s, v in state.items() if isinstance(v, dict) and "seconds" in v}
     timeline = {("dsa-eval" if s == "dsa" else s): v for s, v in timeline.items()}
     timeline["total"] = round(sum(timeline.values()), 1)
+    cpu = {s: round(v["cpu_seconds"], 1) for s, v in state.items() if isinstance(v, dict) and "cpu_seconds" in v}
+    if "recipe_cpu_seconds" in state.get("dsa", {}):
+        cpu["dsa-recipe"] = round(state["dsa"]["recipe_cpu_seconds"], 1)
+    cpu["total"] = round(sum(cpu.values()), 1)
     report.update({
-        "eval": acc, "eval_details": details, "timeline": timeline,
+        "eval": acc, "eval_details": details, "timeline": timeline, "timeline_cpu": cpu,
         "data": state.get("generate", {}).get("stats", {}),
         "models": {m: {"path": str(p), "change": state.get(_stage_of(m), {}).get("change")} for m, p in models.items()},
         "stages": {s: {k: v for k, v in x.items() if k not in ("seconds", "note", "stats")} for s, x in state.items()},
@@ -131,11 +135,15 @@ def markdown(out: Path, r: dict, domains) -> str:
         for mode, s in by.items():
             lines.append(f"| {d} | {mode} | {s['prompts']} | {s['candidates']} | {s['verified_rate']:.2f} | "
                          f"{s['prompt_yield']:.2f} | {s['duplicates']} | {s['records']} | {s['mean_length']:.1f} |")
-    lines += ["", "## Timeline", "", "| stage | seconds | weight change vs its input |", "|---|---|---|"]
-    stages = r.get("stages", {})
+    lines += ["", "## Timeline", "", "Wall seconds, and the process's CPU seconds (on a shared machine the wall clock "
+              "also counts other processes' work; the DSA recipe's CPU time is given for its four stages together).",
+              "", "| stage | seconds | CPU seconds | weight change vs its input |", "|---|---|---|---|"]
+    stages, cpu = r.get("stages", {}), r.get("timeline_cpu", {})
     for s, sec in tl.items():
-        ch = stages.get(s, {}).get("change")
-        lines.append(f"| {s} | {sec:.0f} | {'' if ch is None else f'{ch:.4f}'} |")
+        ch, c = stages.get(s, {}).get("change"), cpu.get(s)
+        lines.append(f"| {s} | {sec:.0f} | {'' if c is None else f'{c:.0f}'} | {'' if ch is None else f'{ch:.4f}'} |")
+    if "dsa-recipe" in cpu:
+        lines.append(f"| (DSA recipe, all four stages and its evaluation) | | {cpu['dsa-recipe']:.0f} | |")
     lines += ["", "![timeline](timeline.png)", ""]
     for name in ("report_dsa.md", "rl.md"):
         f = out / name

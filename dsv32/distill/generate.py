@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +68,6 @@ class Stats:
     records: int = 0
     tokens: int = 0               # generated tokens of the kept records
     reward: float = 0.0           # summed rubric total of the kept records
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         n = max(self.records, 1)
@@ -112,13 +111,52 @@ def record_of(sample, domain: str, source_model: str, scores: dict) -> dict:
     return rec
 
 
+def best_of_n(samples: list, group_size: int, domain: str, source_model: str, *, rubric=None, max_tokens: int = 96,
+              tokenizer=None) -> tuple[list[dict], dict]:
+    """Rejection sampling over rollouts laid out `group_size` per prompt: per prompt the verified candidate with
+    the highest rubric total (ties: the shortest) becomes a record, unless its prompt or its reply (in this
+    mode) was kept already. Returns (records, statistics)."""
+    from ..rl.presets import DEFAULT_RUBRIC
+    from ..rl.rubric import Rubric
+
+    tok = tokenizer or ByteTokenizer()
+    rubric = rubric or Rubric(DEFAULT_RUBRIC)
+    n_prompts = len(samples) // group_size
+    st, seen_prompts, seen_replies, records = Stats(prompts=n_prompts, candidates=len(samples)), set(), set(), []
+    for uid in range(n_prompts):
+        scored = []
+        for s in samples[uid * group_size:(uid + 1) * group_size]:
+            if not verified(s, tok):
+                continue
+            info = {"thinking": s.thinking, "truncated": s.truncated, "n_tokens": s.n_generated,
+                    "max_tokens": max_tokens * max(s.turns, 1), "transcript": s.transcript}
+            total, comps = rubric.score(s.text, s.task, info)
+            scored.append((total if total is not None else 0.0, -s.n_generated, s, comps))
+        st.verified += len(scored)
+        if not scored:
+            continue
+        st.prompts_verified += 1
+        total, _, best, comps = max(scored, key=lambda x: (x[0], x[1]))
+        prompt = " ".join(best.task.prompt.split())
+        reply = tok.decode([t for t, m in zip(best.ids, best.gen_mask) if m])
+        if prompt in seen_prompts or (prompt, reply) in seen_replies:
+            st.duplicates += 1
+            continue
+        seen_prompts.add(prompt)
+        seen_replies.add((prompt, reply))
+        records.append(record_of(best, domain, source_model,
+                                 {"total": total, **{k: v for k, v in comps.items() if v is not None}}))
+        st.records += 1
+        st.tokens += best.n_generated
+        st.reward += total
+    return records, st.summary()
+
+
 @torch.no_grad()
 def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokenizer=None) -> tuple[list[dict], dict]:
-    """(records, stats per mode) of one specialist on its domain's training prompts."""
+    """(records, statistics per mode) of one specialist on its domain's training prompts."""
     from ..rl import tasks as T
-    from ..rl.presets import DEFAULT_RUBRIC
     from ..rl.rollout import rollout
-    from ..rl.rubric import Rubric
     from ..serve.engine import Engine
     from ..serve.sampling import SamplingParams
 
@@ -127,7 +165,6 @@ def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokeniz
                          allow_fewer=True)
     engine = Engine(model, max_batch=cfg.max_batch, eos_id=tok.eos_id, decode=tok.decode,
                     vocab_limit=min(tok.vocab_size, model.cfg.vocab_size))
-    rubric = Rubric(DEFAULT_RUBRIC)
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
     was_training = model.training
     model.eval()
@@ -137,35 +174,9 @@ def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokeniz
             torch.manual_seed(cfg.seed + (0 if mode == "thinking" else 1))
             samples = rollout(engine, tok, tasks, group_size=cfg.samples, params=params, thinking=MODES[mode],
                               max_turns=cfg.max_turns)
-            st, seen_prompts, seen_replies = Stats(prompts=len(tasks), candidates=len(samples)), set(), set()
-            for uid in range(len(tasks)):
-                group = samples[uid * cfg.samples:(uid + 1) * cfg.samples]
-                scored = []
-                for s in group:
-                    if not verified(s, tok):
-                        continue
-                    info = {"thinking": s.thinking, "truncated": s.truncated, "n_tokens": s.n_generated,
-                            "max_tokens": cfg.max_tokens * s.turns, "transcript": s.transcript}
-                    total, comps = rubric.score(s.text, s.task, info)
-                    scored.append((total if total is not None else 0.0, -s.n_generated, s, comps))
-                st.verified += len(scored)
-                if not scored:
-                    continue
-                st.prompts_verified += 1
-                total, _, best, comps = max(scored, key=lambda x: (x[0], x[1]))
-                reply = tok.decode([t for t, m in zip(best.ids, best.gen_mask) if m])
-                key_p, key_r = " ".join(best.task.prompt.split()), (" ".join(best.task.prompt.split()), reply)
-                if key_p in seen_prompts or key_r in seen_replies:
-                    st.duplicates += 1
-                    continue
-                seen_prompts.add(key_p)
-                seen_replies.add(key_r)
-                scores = {"total": total, **{k: v for k, v in comps.items() if v is not None}}
-                records.append(record_of(best, domain, source_model, scores))
-                st.records += 1
-                st.tokens += best.n_generated
-                st.reward += total
-            stats[mode] = st.summary()
+            recs, stats[mode] = best_of_n(samples, cfg.samples, domain, source_model, max_tokens=cfg.max_tokens,
+                                          tokenizer=tok)
+            records += recs
     finally:
         model.train(was_training)
     return records, stats

@@ -1,0 +1,142 @@
+"""`dsv32 pipeline` at the micro preset (every stage ran and changed its model, post-training is sparse, the
+generated records are verified training-split answers, the report has its parts, reruns skip finished stages,
+`--from` redoes the tail), and the Speciale config against the generalist's (rl-distill-anchors.md §6.5 item 16)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dsv32 import pipeline, presets
+from dsv32.cli import main as cli
+from dsv32.model import Transformer
+from dsv32.rl import tasks as T
+
+CFG = pipeline.micro()
+DOMAINS = CFG.specialists["domains"]
+MODELS = ["base", *(f"specialist-{d}" for d in DOMAINS), "distilled", "generalist", "speciale"]
+# stage -> the stage whose final model it started from
+INPUT_OF = {"dsa-warmup": "pretrain", "dsa-sparse": "dsa-warmup", "dense-control": "dsa-warmup", "sft": "dsa-sparse",
+            **{f"specialist-{d}": "sft" for d in DOMAINS}, "distill": "sft", "mixed-rl": "distill",
+            "speciale": "mixed-rl"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "micro"
+    lines = []
+    job = pipeline.Pipeline(CFG, out, log=lines.append)
+    report = job.run()
+    return out, report, lines
+
+
+def _weights(stage_dir: Path) -> dict:
+    return load_file(stage_dir / "final" / "model.safetensors")
+
+
+def test_every_stage_ran_and_changed_its_model(run):
+    out, report, lines = run
+    for stage in CFG.stages():
+        assert stage in report["timeline"] and report["timeline"][stage] >= 0, stage
+    for stage in ("sft", *(f"specialist-{d}" for d in DOMAINS), "generate", "distill", "mixed-rl", "speciale",
+                  "eval", "report"):
+        assert any(line.startswith("[pipeline") and f"] {stage}: done in" in line for line in lines), stage
+    for stage, start in INPUT_OF.items():
+        after, before = _weights(out / stage), _weights(out / start)
+        assert set(after) == set(before)
+        assert any(not torch.equal(after[k], before[k]) for k in after), f"{stage} did not change its model"
+    fresh = Transformer(presets.tiny().replace(**CFG.recipe["overrides"]))
+    fresh.init_weights(0)
+    trained = Transformer.from_pretrained(out / "pretrain" / "final").state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
+    for stage in ("sft", "specialist-math", "distill", "mixed-rl", "speciale"):   # post-training stays sparse
+        assert json.loads((out / stage / "final" / "config.json").read_text())["dsv32"]["attn_mode"] == "sparse"
+
+
+def test_report_holds_eval_timeline_dsa_rl_and_plots(run):
+    out, report, _ = run
+    assert set(report["eval"]) == set(MODELS)
+    for model, by_domain in report["eval"].items():
+        assert set(by_domain) == set(DOMAINS), model
+        for domain, by_mode in by_domain.items():
+            assert set(by_mode) == {"thinking", "non_thinking"}
+            assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in by_mode.values())
+    for key in ("recall_stage1", "recall_untrained", "val_loss_dense", "val_loss_sparse", "retrieval", "topk"):
+        assert key in report["dsa"], key
+    names = {f"specialist-{d}-{m}" for d in DOMAINS for m in ("thinking", "non-thinking")}
+    assert names | {"generalist-mixed-thinking", "speciale"} <= set(report["rl"])
+    assert all({"before", "after"} <= set(report["rl"][n]) for n in names)
+    assert abs(report["timeline"]["total"] - sum(v for k, v in report["timeline"].items() if k != "total")) < 0.5
+    assert set(report["data"]) == set(DOMAINS) and "checks" in report
+    assert all(isinstance(c["ok"], bool) for c in report["checks"].values())
+    md = (out / "report.md").read_text()
+    assert "Held-out accuracy" in md and "| speciale |" in md and "Timeline" in md
+    for png in ("timeline.png", "accuracy.png", "lengths.png", "dsa_loss.png", "rl_speciale.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+
+def test_generated_records_are_verified_training_answers(run):
+    out, report, _ = run
+    gen = CFG.generate
+    total = 0
+    for d in DOMAINS:
+        train = {t.prompt: t for t in T.make_tasks(d, gen["prompts"], split="train", allow_fewer=True)}
+        rows = [json.loads(x) for x in (out / "generate" / f"{d}.jsonl").read_text().splitlines()]
+        stats = json.loads((out / "generate" / f"{d}.stats.json").read_text())["modes"]
+        assert len(rows) == sum(s["records"] for s in stats.values()) == sum(report["data"][d][m]["records"]
+                                                                             for m in stats)
+        for row in rows:
+            assert {"messages", "reasoning_content", "mode", "domain", "source_model", "verifier_scores"} <= set(row)
+            task = train[row["messages"][0]["content"]]           # a training prompt, never a held-out one
+            assert row["domain"] == d and row["source_model"] == f"specialist-{d}"
+            assert T.verify(task, row["messages"][-1]["content"])
+            if row["mode"] == "non_thinking":
+                assert row["reasoning_content"] is None
+        keys = [(r["mode"], r["messages"][0]["content"]) for r in rows]
+        assert len(keys) == len(set(keys))                          # deduplicated
+        total += len(rows)
+    assert total > 0 and report["stages"]["distill"]["examples"] == total
+
+
+def test_rerun_skips_finished_stages_and_from_redoes_the_tail(run):
+    out, report, _ = run
+    lines = []
+    again = pipeline.Pipeline(CFG, out, log=lines.append).run()
+    # one line for the DSA recipe's four stages, one for every later stage
+    assert sum("skipped" in line for line in lines) == 1 + len(CFG.stages()) - len(pipeline.RECIPE_STAGES)
+    assert again["eval"] == report["eval"] and again["timeline"]["sft"] == report["timeline"]["sft"]
+    before = _weights(out / "speciale")
+    lines.clear()
+    job = pipeline.Pipeline(CFG, out, log=lines.append)
+    job.redo_from("speciale")
+    job.run()
+    redone = [line for line in lines if "done in" in line]
+    assert [line.split("] ")[1].split(":")[0] for line in redone] == ["speciale", "eval", "report"]
+    assert set(_weights(out / "speciale")) == set(before)
+
+
+def test_speciale_config_differs_from_the_generalist_as_specified():
+    p = pipeline.tiny()
+    gen, spec = pipeline.mixed_config(p), pipeline.speciale_config(p)
+    assert set(gen.domains) == set(p.specialists["domains"]) and set(spec.domains) == {"math"}
+    assert (spec.length_budget or spec.max_tokens) > (gen.length_budget or gen.max_tokens)
+    spec_w = spec.rubric.get("math", spec.rubric.get("*"))["length"]
+    assert 0 < spec_w < gen.rubric["math"]["length"]
+    assert spec.beta("math") == 0.0 and spec.loss.beta == 0.0 and gen.loss.beta > 0
+    assert spec.thinking and gen.thinking
+    with pytest.raises(ValueError, match="larger length budget"):
+        pipeline.speciale_config(p.replace(**{"speciale.rl.max_tokens": 16, "speciale.rl.length_budget": 16}))
+
+
+def test_bad_configs_name_the_problem(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown section 'sfft'"):
+        pipeline.tiny().replace(**{"sfft.steps": 3})
+    with pytest.raises(ValueError, match="unknown pipeline preset"):
+        pipeline.get("huge")
+    with pytest.raises(ValueError, match="not a stage"):
+        pipeline.Pipeline(CFG, tmp_path).redo_from("dessert")
+    assert cli(["pipeline", "--preset", "huge", "--out", str(tmp_path)]) == 2
+    assert "unknown pipeline preset 'huge'" in capsys.readouterr().err
+
