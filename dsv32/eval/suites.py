@@ -32,7 +32,9 @@ MODES = {"thinking": True, "non_thinking": False}
 def heldout_tasks(domains=None, n: int = 100, seed: int = 0, difficulty: int = 1) -> dict[str, list]:
     from ..rl import tasks as T
 
-    return {d: T.make_tasks(d, n, split="heldout", seed=seed, difficulty=difficulty) for d in (domains or T.DOMAINS)}
+    """`n` held-out tasks per domain (fewer where a domain's held-out split is smaller; `n` in the result says)."""
+    return {d: T.make_tasks(d, n, split="heldout", seed=seed, difficulty=difficulty, allow_fewer=True)
+            for d in (domains or T.DOMAINS)}
 
 
 def correct(sample) -> bool:

@@ -92,14 +92,11 @@ def _fmt(x: Fraction) -> str:
 
 # -- tools ---------------------------------------------------------------------------------------------
 
-# Compact schemas: the byte-level model reads the whole tools block in every tool prompt.
+# Compact schemas (name, and the argument in the description): the byte-level model reads the whole tools
+# block in every tool prompt, so each byte here costs training and decoding time.
 TOOLS = {
-    "calc": {"type": "function", "function": {
-        "name": "calc", "description": "exact arithmetic",
-        "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}}}},
-    "lookup": {"type": "function", "function": {
-        "name": "lookup", "description": "facts about a name",
-        "parameters": {"type": "object", "properties": {"name": {"type": "string"}}}}},
+    "calc": {"type": "function", "function": {"name": "calc", "description": "calc(expr): exact arithmetic"}},
+    "lookup": {"type": "function", "function": {"name": "lookup", "description": "lookup(name): facts"}},
 }
 _SYL = ("ka", "lo", "mi", "ru", "te", "zo", "pa", "ni", "su", "ve", "do", "ba", "fi", "gu", "ho", "je")
 _CITIES = ("Oslo", "Lima", "Rome", "Kyiv", "Bern", "Baku", "Doha", "Riga", "Suva", "Apia")
@@ -170,7 +167,7 @@ def _countdown(rng: random.Random, d: int) -> Task:
         nums = [rng.randint(1, 9 if d == 1 else 12) for _ in range(k)]
         acc, expr, steps = nums[0], str(nums[0]), []
         for b in nums[1:]:
-            op = rng.choice("+-*" if d > 1 else "+*")
+            op = rng.choice("+-*")
             new = {"+": acc + b, "-": acc - b, "*": acc * b}[op]
             if new < 0:
                 break

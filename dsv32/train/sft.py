@@ -65,11 +65,9 @@ def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool],
     for domain, weight in domains.items():
         want = n_per_domain * weight
         pool = T.make_tasks(domain, want, split="train", seed=seed, difficulty=difficulty, allow_fewer=True)
-        for k in range(want):
-            task = pool[k % len(pool)]
-            for thinking in modes:
-                out.append(encode(T.task_messages(task, thinking=thinking), tokenizer, thinking=thinking,
-                                  tools=T.tools_for(task), domain=domain))
+        encoded = [encode(T.task_messages(task, thinking=thinking), tokenizer, thinking=thinking,
+                          tools=T.tools_for(task), domain=domain) for task in pool for thinking in modes]
+        out += [encoded[k % len(encoded)] for k in range(want * len(modes))]
     return out
 
 
