@@ -28,9 +28,13 @@ def test_recall_rises_with_warmup_training():
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     assert mean(after, "recall") > mean(before, "recall") + 0.05
     assert mean(after, "overlap") > mean(before, "overlap")
+    # No indexer recalls more than the dense attention's own top-k holds (the ceiling), and training
+    # the indexer does not move the ceiling (the attention is frozen).
+    assert all(r["recall"] <= r["ceiling"] + 1e-5 for r in before + after)
+    assert all(abs(a["ceiling"] - b["ceiling"]) < 1e-5 for a, b in zip(before, after))
 
 
 def test_short_sequences_have_full_recall():
     model = Transformer(make_config())
     out = indexer_recall(model, torch.randint(0, 97, (1, 8)))  # T = k: every key is kept
-    assert all(r == {"layer": i, "recall": 1.0, "overlap": 1.0, "rows": 0} for i, r in enumerate(out))
+    assert all(r == {"layer": i, "recall": 1.0, "overlap": 1.0, "ceiling": 1.0, "rows": 0} for i, r in enumerate(out))

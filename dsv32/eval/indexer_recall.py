@@ -4,6 +4,8 @@
 - recall:  the share of the head-averaged dense attention mass that falls inside the indexer's top-k
            set S_t (1.0 = sparse attention loses nothing); an untrained indexer gives about k/L.
 - overlap: |S_t ∩ top-k of the dense attention| / k.
+- ceiling: the attention mass inside the dense attention's own top-k: the best recall any indexer could
+           reach at this k (a diffuse head caps it well below 1).
 Both are averaged over the queries that see more than k keys (the others keep every key).
 
 O(T*S) memory per layer (dense probabilities): an evaluation tool for moderate lengths.
@@ -18,7 +20,7 @@ from ..kernels import reference as ref
 
 @torch.no_grad()
 def indexer_recall(model, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[dict]:
-    """Per layer: {"layer", "recall", "overlap", "rows"} for one batch of token ids [B, T]."""
+    """Per layer: {"layer", "recall", "overlap", "ceiling", "rows"} for one batch of token ids [B, T]."""
     inputs = []
     hooks = [layer.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
              for layer in model.layers]
@@ -48,10 +50,13 @@ def indexer_recall(model, input_ids: torch.Tensor, doc_ids: torch.Tensor | None 
         rows_BT = (ctx.ke - ctx.ks) > k
         n = int(rows_BT.sum())
         if n == 0:
-            out.append({"layer": i, "recall": 1.0, "overlap": 1.0, "rows": 0})
+            out.append({"layer": i, "recall": 1.0, "overlap": 1.0, "ceiling": 1.0, "rows": 0})
             continue
         recall_BT = (p_BTS * chosen_BTS).sum(-1)
-        overlap_BT = (chosen_BTS & ref.selected_mask(best_BTK, T)).sum(-1).float() / k
+        best_BTS = ref.selected_mask(best_BTK, T)
+        overlap_BT = (chosen_BTS & best_BTS).sum(-1).float() / k
+        ceiling_BT = (p_BTS * best_BTS).sum(-1)
         out.append({"layer": i, "recall": recall_BT[rows_BT].mean().item(),
-                    "overlap": overlap_BT[rows_BT].mean().item(), "rows": n})
+                    "overlap": overlap_BT[rows_BT].mean().item(), "ceiling": ceiling_BT[rows_BT].mean().item(),
+                    "rows": n})
     return out

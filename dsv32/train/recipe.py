@@ -148,10 +148,11 @@ def validation_rows(r: Recipe) -> dict:
 
 
 @torch.no_grad()
-def mean_recall(model, val: dict, rows: int = 4) -> tuple[float, list[float]]:
-    """Mean over layers (and per layer) of the indexer's recall of the dense attention mass."""
+def mean_recall(model, val: dict, rows: int = 4, key: str = "recall") -> tuple[float, list[float]]:
+    """Mean over layers (and per layer) of the indexer's recall of the dense attention mass; key="ceiling"
+    gives the mass inside the dense attention's own top-k instead (the best any indexer could recall)."""
     model.eval()
-    per_layer = [x["recall"] for x in indexer_recall(model, val["input_ids"][:rows], val["doc_ids"][:rows])]
+    per_layer = [x[key] for x in indexer_recall(model, val["input_ids"][:rows], val["doc_ids"][:rows])]
     return sum(per_layer) / len(per_layer), per_layer
 
 
@@ -208,6 +209,7 @@ def run(recipe: Recipe, out, log=print) -> dict:
     elif curve_file.is_file():
         recall_curve = json.loads(curve_file.read_text())
     recall_stage1, recall_stage1_layers = mean_recall(warm, val)
+    ceiling, ceiling_layers = mean_recall(warm, val, key="ceiling")
     log(f"[dsa-warmup] held-out recall of the attention mass (top-{k}): untrained {recall_untrained:.3f} -> "
         f"{recall_stage1:.3f}")
 
@@ -233,6 +235,7 @@ def run(recipe: Recipe, out, log=print) -> dict:
         "preset": r.preset, "topk": k, "seq_len": r.seq_len, "eval_lengths": list(r.eval_lengths),
         "recall_untrained": recall_untrained, "recall_untrained_layers": recall_untrained_layers,
         "recall_stage1": recall_stage1, "recall_stage1_layers": recall_stage1_layers,
+        "recall_ceiling": ceiling, "recall_ceiling_layers": ceiling_layers,
         "recall_after_stage2": recall_final, "recall_curve": recall_curve,
         "val_loss_dense": val_dense["loss"], "val_loss_sparse": val_sparse["loss"],
         "val_loss_rel_diff": (val_sparse["loss"] - val_dense["loss"]) / val_dense["loss"],
@@ -277,6 +280,9 @@ def write_markdown(out: Path, dsa: dict) -> None:
              "| metric | value |", "|---|---|",
              f"| indexer recall, untrained | {dsa['recall_untrained']:.3f} |",
              f"| indexer recall, after stage 1 | {dsa['recall_stage1']:.3f} |",
+             f"| recall ceiling (dense attention's own top-k) | {dsa['recall_ceiling']:.3f} |",
+             "| per layer after stage 1 (ceiling) | " + ", ".join(
+                 f"{r:.2f} ({c:.2f})" for r, c in zip(dsa["recall_stage1_layers"], dsa["recall_ceiling_layers"])) + " |",
              f"| indexer recall, after stage 2 | {dsa['recall_after_stage2']:.3f} |",
              f"| held-out loss, dense control | {dsa['val_loss_dense']:.4f} |",
              f"| held-out loss, sparse | {dsa['val_loss_sparse']:.4f} ({100 * dsa['val_loss_rel_diff']:+.2f}%) |", "",
