@@ -141,3 +141,13 @@ def test_parse_domains():
     assert sft.parse_domains("math:3, tool") == {"math": 3, "tool": 1}
     with pytest.raises(ValueError, match="weight"):
         sft.parse_domains("math:0")
+
+
+def test_micro_recipe_covers_every_domain_and_writes_final(tmp_path):
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    summary = sft.run_recipe(model, sft.RECIPES["micro"], tmp_path)
+    assert summary["steps"] == 4 and summary["examples"] == 2 * 4 * sum(sft.RECIPES["micro"].domains.values())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert (tmp_path / "final" / "config.json").is_file()
+    assert set(sft.RECIPES["tiny"].domains) == set(T.DOMAINS)

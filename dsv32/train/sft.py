@@ -2,9 +2,11 @@
 (rl-distill-anchors.md §4.1, §6.2 "SFT"): loss only on what the assistant generates (reasoning, content,
 tool calls, EOS), with the masks of `dsv32.data.chat.encode_for_training`, in both thinking modes.
 
-    dsv32 sft --init-from runs/pre/final --out runs/sft                 # generated tasks, both modes
+    dsv32 sft --init-from runs/pre/final --out runs/sft                 # the tiny recipe: generated tasks, both modes
     dsv32 sft --init-from DIR --data distill.jsonl --out runs/gen        # distillation records (issue 7)
     dsv32 sft --init-from DIR --domains math:2,tool --mode thinking --steps 300 --lr 2e-3
+
+    summary = sft.run_recipe(model, sft.RECIPES["tiny"], "runs/sft")   # the same from Python (the pipeline)
 
 Conversations come from generated tasks (`dsv32.rl.tasks.task_messages`) or from JSONL records
 `{messages, reasoning_content, mode, domain, source_model, verifier_scores}`. They are packed whole into rows
@@ -18,9 +20,10 @@ Legend: N rows, L = T + 1 tokens per row, B batch size, T sequence length.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,11 +35,35 @@ from ..model import Trace
 from .loop import train
 from .optim import ParamGroup, TrainConfig
 
-# The recipe `dsv32 sft` defaults to; measured on the tiny preset (see the report of issue 6/7 work).
-DEFAULT_DOMAINS = {"math": 3, "tool": 2, "logic": 1, "countdown": 1, "alignment": 1}
-DEFAULTS = dict(lr=2e-3, steps=300, batch_size=16, seq_len=256, warmup_steps=20, tasks_per_domain=2000,
-                difficulty=1)
 MODES = {"thinking": True, "non_thinking": False, "non-thinking": False}
+
+
+@dataclass
+class Recipe:
+    """What an SFT run trains on and for how long; `dsv32 sft --recipe NAME` starts from one, flags override.
+
+    `domains` maps a task domain to its weight: `tasks_per_domain * weight` tasks each, every one in each mode
+    of `mode` ("both", "thinking", "non-thinking"); a byte-level tool prompt is ~8x a math prompt, so the
+    weights balance tokens, not tasks."""
+    domains: dict = field(default_factory=dict)
+    tasks_per_domain: int = 300
+    difficulty: int = 1
+    mode: str = "both"
+    steps: int = 250
+    lr: float = 3e-3
+    batch_size: int = 8
+    seq_len: int = 600
+    warmup_steps: int = 20
+    seed: int = 0
+
+
+RECIPES = {
+    # Measured from the tiny preset pretrained 400 steps (numbers: the SFT note of issues 6/7).
+    "tiny": Recipe(domains={"math": 20, "tool": 2, "logic": 1, "countdown": 2, "alignment": 2}),
+    # A few steps at a micro model: smoke runs and tests of the pipeline.
+    "micro": Recipe(domains={"math": 2, "tool": 1, "logic": 1, "countdown": 1, "alignment": 1}, tasks_per_domain=4,
+                    steps=4, batch_size=2, seq_len=480, warmup_steps=1),
+}
 
 
 @dataclass
@@ -116,6 +143,27 @@ def record_example(row: dict, tokenizer) -> Example:
     return encode(msgs, tokenizer, thinking=thinking, tools=tools, domain=str(row.get("domain", "data")))
 
 
+def _best_fit(examples: list[Example], L: int, seed: int) -> list[list[int]]:
+    """Rows of example indices: longest first, each into the row with the least room that still fits it
+    (best-fit decreasing), so short conversations fill the gaps long tool conversations leave."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)  # ties in length: a seeded order
+    order.sort(key=lambda i: -len(examples[i].ids))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in order:
+        n = len(examples[i].ids)
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (L - n, len(rows) - 1))
+        else:
+            room, r = free.pop(at)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
 class SFTData:
     """Examples packed whole into rows of L = seq_len + 1 tokens, served in a seeded order per epoch;
     resumable like `PackedDataset` (state: epoch, cursor). Batches carry labels masked to the assistant's
@@ -130,16 +178,7 @@ class SFTData:
             raise ValueError(f"sft: {len(too_long)} conversations are longer than seq_len + 1 = {L} tokens (longest "
                              f"{max(len(e.ids) for e in too_long)}); raise --seq-len")
         self.domains = sorted({e.domain for e in examples})
-        order = list(range(len(examples)))
-        random.Random(seed).shuffle(order)
-        rows, cur, used = [], [], 0
-        for i in order:  # next fit: a conversation that does not fit starts a new row
-            if used + len(examples[i].ids) > L:
-                rows.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += len(examples[i].ids)
-        rows.append(cur)
+        rows = _best_fit(examples, L, seed)
         N = len(rows)
         self.ids_NL = torch.full((N, L), pad_id, dtype=torch.long)
         self.mask_NL = torch.zeros(N, L, dtype=torch.bool)
@@ -257,65 +296,80 @@ def parse_domains(text: str) -> dict[str, int]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
     p = argparse.ArgumentParser(prog="dsv32 sft", description="SFT on chat conversations (loss on assistant tokens)")
+    p.add_argument("--recipe", default="tiny", help=f"starting point: {', '.join(RECIPES)} (default tiny); the "
+                   "flags below override its fields")
     p.add_argument("--preset", default="tiny", help="model preset when not --init-from (default tiny)")
     p.add_argument("--init-from", default=None, metavar="DIR", help="a save_pretrained directory or a run directory")
     p.add_argument("--out", default="runs/sft", metavar="DIR")
     p.add_argument("--data", action="append", default=[], metavar="FILE.jsonl",
-                   help="distillation records {messages, reasoning_content, mode, domain, ...} (repeatable)")
-    p.add_argument("--domains", default=None,
-                   help="generated task domains with weights, e.g. math:3,tool:2,logic (default: "
-                        + ",".join(f"{k}:{v}" for k, v in DEFAULT_DOMAINS.items()) + "; none when --data is given)")
-    p.add_argument("--mode", default="both", choices=("both", "thinking", "non-thinking"))
-    p.add_argument("--tasks-per-domain", type=int, default=d["tasks_per_domain"])
-    p.add_argument("--difficulty", type=int, default=d["difficulty"])
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--seq-len", type=int, default=d["seq_len"])
-    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
-    p.add_argument("--seed", type=int, default=0)
+                   help="distillation records {messages, reasoning_content, mode, domain, ...} (repeatable); "
+                        "with --data, generated tasks are added only when --domains is given")
+    p.add_argument("--domains", default=None, help="generated task domains with weights, e.g. math:20,tool:2,logic")
+    p.add_argument("--mode", default=None, choices=("both", "thinking", "non-thinking"))
+    for name, kind in (("tasks-per-domain", int), ("difficulty", int), ("steps", int), ("lr", float),
+                       ("batch-size", int), ("seq-len", int), ("warmup-steps", int), ("seed", int)):
+        p.add_argument(f"--{name}", type=kind, default=None)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     return p
 
 
-def main(argv: list[str]) -> int:
-    """`dsv32 sft`: build the examples, run SFT, write OUT/final/."""
-    from .stages import build_model, parse_overrides
-
-    args, rest = make_parser().parse_known_args(argv)
-    overrides = parse_overrides(rest)
-    if args.domains is None:
-        domains = {} if args.data else dict(DEFAULT_DOMAINS)
-    else:
-        domains = parse_domains(args.domains)
-    modes = {"both": [True, False], "thinking": [True], "non-thinking": [False]}[args.mode]
-    tok = ByteTokenizer()
-    examples = task_examples(domains, args.tasks_per_domain, modes, seed=args.seed, difficulty=args.difficulty,
-                             tokenizer=tok) if domains else []
-    for path in args.data:
-        rows = read_records(path)
-        for row in rows:
+def build_examples(recipe: Recipe, data_files=(), tokenizer=None) -> list[Example]:
+    """The recipe's generated-task conversations plus every record of the distillation files."""
+    tok = tokenizer or ByteTokenizer()
+    modes = {"both": [True, False], "thinking": [True], "non-thinking": [False]}[recipe.mode]
+    examples = task_examples(recipe.domains, recipe.tasks_per_domain, modes, seed=recipe.seed,
+                             difficulty=recipe.difficulty, tokenizer=tok) if recipe.domains else []
+    for path in data_files:
+        for row in read_records(path):
             try:
                 examples.append(record_example(row, tok))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{row['_where']}: cannot render the conversation ({e}); check its messages") from None
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model = build_model(args.preset, args.init_from, overrides)
+    return examples
+
+
+def run_recipe(model, recipe: Recipe, out_dir, data_files=(), resume: bool = True, log_every: int = 10,
+               ckpt_every: int = 0) -> dict:
+    """Build the examples, train, write `out_dir/final/`; returns the loop's summary (+ "examples")."""
+    tok = ByteTokenizer()
     if model.cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"the byte tokenizer needs vocab_size >= {tok.vocab_size}; the model has {model.cfg.vocab_size}")
-    data = SFTData(examples, args.seq_len, args.seed)
-    cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                      warmup_steps=min(args.warmup_steps, args.steps), log_every=args.log_every,
-                      ckpt_every=args.ckpt_every, out_dir=args.out)
-    print(f"sft: {len(examples)} conversations in {len(data)} rows of {args.seq_len + 1} tokens "
+    examples = build_examples(recipe, data_files, tok)
+    data = SFTData(examples, recipe.seq_len, recipe.seed)
+    cfg = TrainConfig(lr=recipe.lr, steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
+                      seed=recipe.seed, warmup_steps=min(recipe.warmup_steps, recipe.steps), log_every=log_every,
+                      ckpt_every=ckpt_every, out_dir=str(out_dir))
+    print(f"sft: {len(examples)} conversations in {len(data)} rows of {recipe.seq_len + 1} tokens "
           f"({data.target_tokens} target tokens), {model.cfg.attn_mode} attention", flush=True)
-    summary = run_sft(model, data, cfg, resume=not args.no_resume)
-    final = Path(args.out) / "final"
-    model.save_pretrained(final)
-    print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in {final}", flush=True)
+    summary = run_sft(model, data, cfg, resume=resume)
+    model.save_pretrained(Path(out_dir) / "final")
+    return {**summary, "examples": len(examples)}
+
+
+def main(argv: list[str]) -> int:
+    """`dsv32 sft`: the recipe with the flags applied, from --init-from (or a fresh --preset model)."""
+    from .stages import build_model, parse_overrides
+
+    args, rest = make_parser().parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    if args.recipe not in RECIPES:
+        raise ValueError(f"--recipe {args.recipe!r} is unknown; choose one of: {', '.join(RECIPES)}")
+    recipe = RECIPES[args.recipe]
+    changes = {f.name: getattr(args, f.name) for f in fields(Recipe)
+               if f.name not in ("domains",) and getattr(args, f.name, None) is not None}
+    if args.domains is not None:
+        changes["domains"] = parse_domains(args.domains)
+    elif args.data:
+        changes["domains"] = {}  # distillation data alone unless generated tasks are asked for
+    recipe = replace(recipe, **changes)
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model = build_model(args.preset, args.init_from, overrides)
+    summary = run_recipe(model, recipe, args.out, args.data, resume=not args.no_resume, log_every=args.log_every,
+                         ckpt_every=args.ckpt_every)
+    print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in "
+          f"{Path(args.out) / 'final'}", flush=True)
     return 0
