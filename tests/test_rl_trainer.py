@@ -173,3 +173,17 @@ def test_cli_writes_final_model_and_report(tmp_path):
                  "--loss.aggregation=bogus"]) == 2
     with pytest.raises(ValueError, match="unknown key"):
         get("tiny-math").replace(**{"loss.betta": 0.1})
+
+
+def test_both_modes_alternate_and_are_evaluated(tmp_path):
+    trainer = GRPOTrainer(micro_model(), micro_cfg(thinking="both", prompts_per_step=2), tmp_path)
+    tasks = T.make_tasks("math", 2)
+    params = SamplingParams(max_tokens=4, logprobs=True)
+    samples = rollout(trainer.engine, TOK, tasks, group_size=2, params=params, thinking=[True, False])
+    assert [s.thinking for s in samples] == [True, True, False, False]
+    assert samples[0].ids[samples[0].prompt_len - 1] == TOK.token_id("<think>")
+    assert samples[2].ids[samples[2].prompt_len - 1] == TOK.token_id("</think>")
+    logs = trainer.train_step()
+    assert "completions/thinking/mean_length" in logs and "completions/non_thinking/mean_length" in logs
+    r = trainer.evaluate_heldout()
+    assert set(r["modes"]) == {"thinking", "non_thinking"} and r["domains"] is r["modes"]["thinking"]

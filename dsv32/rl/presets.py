@@ -39,7 +39,7 @@ class RLConfig:
     name: str = "tiny-math"
     domains: dict = field(default_factory=lambda: {"math": 1})   # domain -> weight in the prompt mix
     difficulty: int = 1
-    thinking: bool = True
+    thinking: bool | str = True        # True, False, or "both" (prompts alternate between the two modes)
     n_train_tasks: int = 1000          # training prompts per unit of domain weight (a cursor walks them)
     prompts_per_step: int = 16
     group_size: int = 8                # G samples per prompt
@@ -80,6 +80,7 @@ class RLConfig:
             ("domains", self.domains and not bad and all(w > 0 for w in self.domains.values()),
              f"must map known domains ({', '.join(DOMAINS)}) to positive weights; unknown: {bad}"),
             ("difficulty", self.difficulty in (1, 2, 3), "must be 1, 2 or 3"),
+            ("thinking", self.thinking in (True, False, "both"), 'must be true, false or "both"'),
             ("prompts_per_step", self.prompts_per_step >= 1, "must be >= 1"),
             ("group_size", self.group_size >= 2, "must be >= 2 (a group needs a baseline)"),
             ("minibatches", 1 <= self.minibatches <= self.prompts_per_step * self.group_size,
@@ -100,6 +101,11 @@ class RLConfig:
                 raise ValueError(f"RLConfig.{name}={getattr(self, name)!r} {why}")
         if self.loss.aggregation == "dr_grpo" and self.loss.max_len is None:
             self.loss = dataclasses.replace(self.loss, max_len=self.max_tokens * self.max_turns)
+
+    @property
+    def modes(self) -> list[bool]:
+        """The thinking modes this run trains and evaluates, the headline mode first."""
+        return [True, False] if self.thinking == "both" else [bool(self.thinking)]
 
     def beta(self, domain: str) -> float:
         return float(self.beta_by_domain.get(domain, self.loss.beta))

@@ -92,8 +92,11 @@ def write(report_path, summary: dict, metrics_file=None, guard_demo: bool = Fals
     entry = {k: summary[k] for k in ("before", "after", "steps", "seconds", "stopped") if k in summary}
     for key in ("before_detail", "after_detail"):
         if key in summary:
-            entry[key.replace("_detail", "_domains")] = {d: r["accuracy"]
-                                                         for d, r in summary[key]["domains"].items()}
+            detail = summary[key]
+            entry[key.replace("_detail", "_domains")] = {d: r["accuracy"] for d, r in detail["domains"].items()}
+            if len(detail.get("modes", {})) > 1:
+                entry[key.replace("_detail", "_modes")] = {m: {d: r["accuracy"] for d, r in per.items()}
+                                                           for m, per in detail["modes"].items()}
     if "guard" in summary:
         entry["guard"] = summary["guard"]
     rows = read_metrics(metrics_file) if metrics_file else []

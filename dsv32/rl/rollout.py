@@ -80,17 +80,21 @@ def _run_calls(calls: list[dict]) -> list[str]:
     return [T.call_tool(c["function"]["name"], c["function"].get("arguments", "{}")) for c in calls]
 
 
-def rollout(engine, tokenizer, tasks: list[T.Task], *, group_size: int, params: SamplingParams, thinking: bool,
-            max_turns: int = 3) -> list[Sample]:
-    """`group_size` samples per task (uid = the task's index), tool loop included; samples in task order."""
+def rollout(engine, tokenizer, tasks: list[T.Task], *, group_size: int, params: SamplingParams,
+            thinking: bool | list[bool], max_turns: int = 3) -> list[Sample]:
+    """`group_size` samples per task (uid = the task's index), tool loop included; samples in task order.
+    `thinking` is one mode for all tasks or one per task."""
     if group_size < 1 or max_turns < 1:
         raise ValueError(f"rollout: group_size={group_size} and max_turns={max_turns} must be >= 1")
+    modes = [thinking] * len(tasks) if isinstance(thinking, bool) else list(thinking)
+    if len(modes) != len(tasks):
+        raise ValueError(f"rollout: {len(modes)} thinking flags for {len(tasks)} tasks; give one, or one per task")
     want_routes = params.return_routes
     samples = []
-    for uid, task in enumerate(tasks):
-        prompt = task_prompt(task, tokenizer, thinking)
+    for uid, (task, mode) in enumerate(zip(tasks, modes)):
+        prompt = task_prompt(task, tokenizer, mode)
         for _ in range(group_size):
-            samples.append(Sample(uid, task, thinking, list(prompt), len(prompt), [0] * len(prompt),
+            samples.append(Sample(uid, task, mode, list(prompt), len(prompt), [0] * len(prompt),
                                   [0.0] * len(prompt), routes=[] if want_routes else None,
                                   transcript=[{"role": "user", "content": task.prompt}]))
     active = list(samples)
@@ -111,14 +115,14 @@ def rollout(engine, tokenizer, tasks: list[T.Task], *, group_size: int, params: 
             s.turns += 1
             s.truncated |= c.truncated
             s.text = safe_decode(tokenizer, c.token_ids)
-            msg = parse_assistant(s.text, thinking=thinking)
+            msg = parse_assistant(s.text, thinking=s.thinking)
             s.transcript.append({"role": "assistant", "content": msg["content"],
                                  "reasoning_content": msg["reasoning_content"], "tool_calls": msg["tool_calls"]})
             if msg["tool_calls"] and task_has_tools(s.task) and not c.truncated and turn + 1 < max_turns:
                 outputs = _run_calls(msg["tool_calls"])
                 s.transcript += [{"role": "tool", "tool_call_id": tc["id"], "content": out}
                                  for tc, out in zip(msg["tool_calls"], outputs)]
-                more = tokenizer.encode(tool_outputs_text(outputs) + assistant_open(thinking))
+                more = tokenizer.encode(tool_outputs_text(outputs) + assistant_open(s.thinking))
                 if len(s.ids) + len(more) + 1 >= engine.max_len:
                     s.truncated = True       # no room for another turn: the context limit cut it
                     continue

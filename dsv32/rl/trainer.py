@@ -133,10 +133,12 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, tasks: list[T.Task]) -> dict:
-        """Greedy held-out accuracy, mean generated length and format rate of a task list."""
+    def evaluate(self, tasks: list[T.Task], thinking: bool | None = None) -> dict:
+        """Greedy held-out accuracy, mean generated length and format rate of a task list (in the run's headline
+        mode unless `thinking` is given)."""
         greedy = SamplingParams(temperature=0.0, max_tokens=self.cfg.max_tokens)
-        samples = rollout(self.engine, self.tok, tasks, group_size=1, params=greedy, thinking=self.cfg.thinking,
+        mode = self.cfg.modes[0] if thinking is None else thinking
+        samples = rollout(self.engine, self.tok, tasks, group_size=1, params=greedy, thinking=mode,
                           max_turns=self.cfg.max_turns)
         ok = [success(s) for s in samples]
         return {"accuracy": sum(ok) / len(ok), "n": len(ok),
@@ -148,8 +150,13 @@ class GRPOTrainer:
         return self.evaluate(tasks)["accuracy"]
 
     def evaluate_heldout(self) -> dict:
-        per = {d: self.evaluate(ts) for d, ts in self.heldout().items()}
-        return {"accuracy": sum(r["accuracy"] for r in per.values()) / len(per), "domains": per}
+        """Per domain (and per mode when the run trains both): accuracy is the headline mode's mean over domains."""
+        sets, out = self.heldout(), {}
+        for mode in self.cfg.modes:
+            per = {d: self.evaluate(ts, mode) for d, ts in sets.items()}
+            out["thinking" if mode else "non_thinking"] = per
+        per = out["thinking" if self.cfg.modes[0] else "non_thinking"]
+        return {"accuracy": sum(r["accuracy"] for r in per.values()) / len(per), "domains": per, "modes": out}
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -213,10 +220,12 @@ class GRPOTrainer:
 
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.time()
+        first = self.cursor
         tasks = self._next_tasks()
         has_tools = any(t.meta.get("tools") for t in tasks)
+        modes = [cfg.modes[(first + i) % len(cfg.modes)] for i in range(len(tasks))]   # "both": alternate
         samples = rollout(self.engine, self.tok, tasks, group_size=cfg.group_size, params=self.sampling,
-                          thinking=cfg.thinking, max_turns=cfg.max_turns if has_tools else 1)
+                          thinking=modes, max_turns=cfg.max_turns if has_tools else 1)
         t_roll = time.time() - t0
         self._score(samples)
         adv, adv_stats = group_advantages([s.reward for s in samples], [s.uid for s in samples], cfg.advantage)
@@ -228,6 +237,12 @@ class GRPOTrainer:
                      "completions/clipped_ratio": sum(s.truncated for s in samples) / len(samples),
                      "completions/mean_terminated_length": sum(done) / len(done) if done else 0.0,
                      "train/success": sum(success(s) for s in samples) / len(samples)})
+        groups: dict[str, list[int]] = {}
+        for s in samples:   # lengths per mode and per domain (rl-distill-anchors.md §6.4)
+            groups.setdefault("thinking" if s.thinking else "non_thinking", []).append(s.n_generated)
+            groups.setdefault(s.task.domain, []).append(s.n_generated)
+        if len(groups) > 2:
+            logs.update({f"completions/{k}/mean_length": sum(v) / len(v) for k, v in groups.items()})
         dense_terms = self.loss_cfg.entropy_coef > 0 or cfg.entropy_target > 0
         keep = [i for i, s in enumerate(samples) if not (cfg.mask_truncated and s.truncated)
                 and (adv[i] != 0 or cfg.beta(s.task.domain) > 0 or dense_terms)]
