@@ -43,8 +43,9 @@ class PipelineConfig:
 
     name: str = "tiny"
     recipe: dict = field(default_factory=dict)       # dsv32.train.recipe.Recipe fields
-    sft: dict = field(default_factory=dict)          # steps lr batch_size seq_len warmup_steps tasks_per_domain domains
-    specialists: dict = field(default_factory=dict)  # domains, steps {mode: n}, rl {RLConfig overrides}
+    sft: dict = field(default_factory=dict)          # recipe (a dsv32.train.sft.RECIPES name) + Recipe fields
+    specialists: dict = field(default_factory=dict)  # domains, steps {mode: n}, rl {RLConfig overrides},
+    #                                                  by_domain {domain: {steps, rl}} (merged over the common ones)
     generate: dict = field(default_factory=dict)     # GenerateConfig fields
     distill: dict = field(default_factory=dict)      # steps lr batch_size seq_len warmup_steps on_policy_steps
     mixed: dict = field(default_factory=dict)        # steps {mode: n}, rl {RLConfig overrides}
@@ -83,11 +84,12 @@ def tiny() -> PipelineConfig:
         name="tiny",
         recipe=dict(seq_len=512, batch_size=8, pretrain_steps=150, warmup_steps=40, sparse_steps=60,
                     n_synthetic=600, eval_lengths=(256, 512), eval_n=6, val_rows=8),
-        sft=dict(steps=240, lr=2e-3, batch_size=8, seq_len=640, warmup_steps=20, tasks_per_domain=1500),
-        specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 12, "non_thinking": 6},
-                         rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
+        sft=dict(recipe="tiny", steps=200),
+        specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 10, "non_thinking": 6},
+                         rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48},
+                         by_domain={"tool": {"steps": {"thinking": 6, "non_thinking": 3}, "rl": {"prompts_per_step": 4}}}),
         generate=dict(prompts=160, samples=4, temperature=0.8, max_tokens=64),
-        distill=dict(steps=120, lr=1e-3, batch_size=8, seq_len=640, warmup_steps=10, on_policy_steps=0),
+        distill=dict(steps=120, lr=1e-3, batch_size=8, seq_len=448, warmup_steps=10, on_policy_steps=0),
         mixed=dict(steps={"thinking": 12}, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
         speciale=dict(steps=12, rl={**_EVAL_RL, "prompts_per_step": 8}),
         eval=dict(n=64, max_tokens=64, max_batch=64),
@@ -109,7 +111,7 @@ def micro() -> PipelineConfig:
         name="micro",
         recipe=dict(seq_len=320, batch_size=2, pretrain_steps=4, warmup_steps=3, sparse_steps=3, n_synthetic=8,
                     eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
-        sft=dict(steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
+        sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
         specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 1, "non_thinking": 1}, rl=rl),
         generate=dict(prompts=16, samples=4, temperature=0.7, max_tokens=24, max_turns=2),
@@ -255,32 +257,30 @@ class Pipeline:
                  + f", eval {timeline.get('evaluation', 0):.0f} s)")
 
     def _sft(self) -> dict:
-        from .data.tokenizer import ByteTokenizer
+        from dataclasses import replace
+
         from .train import sft
-        from .train.metrics import Metrics
-        from .train.optim import TrainConfig
         from .train.stages import build_model
 
-        c = {**sft.DEFAULTS, "domains": dict(sft.DEFAULT_DOMAINS), **self.cfg.sft}
+        c = dict(self.cfg.sft)
+        name = c.pop("recipe", "tiny")
+        if name not in sft.RECIPES:
+            raise ValueError(f"sft.recipe {name!r}: choose one of {', '.join(sft.RECIPES)}")
+        recipe = replace(sft.RECIPES[name], **c)
         init = self.final("dsa-sparse")
         model = build_model(init_from=init)
-        examples = sft.task_examples(c["domains"], c["tasks_per_domain"], [True, False], seed=0,
-                                     difficulty=c["difficulty"], tokenizer=ByteTokenizer())
-        data = sft.SFTData(examples, c["seq_len"], 0)
-        tcfg = TrainConfig(lr=c["lr"], steps=c["steps"], batch_size=c["batch_size"], seq_len=c["seq_len"],
-                           warmup_steps=min(c["warmup_steps"], c["steps"]), log_every=max(c["steps"] // 5, 1),
-                           out_dir=str(self.out / "sft"))
-        with Metrics(self.out / "sft", echo=False) as m:
-            s = sft.run_sft(model, data, tcfg, metrics=m)
-        model.save_pretrained(self.final("sft"))
+        s = sft.run_recipe(model, recipe, self.out / "sft", log_every=max(recipe.steps // 5, 1))
         return {"steps": s["steps"], "final_loss": s["final_loss"], "attn_mode": model.cfg.attn_mode,
-                "conversations": len(examples), "change": param_change(init, self.final("sft")),
-                "note": f"{len(examples)} conversations, loss {s['final_loss']:.3f}, {model.cfg.attn_mode} attention"}
+                "conversations": s["examples"], "recipe": {"name": name, **c},
+                "change": param_change(init, self.final("sft")),
+                "note": f"{s['examples']} conversations, loss {s['final_loss']:.3f}, {model.cfg.attn_mode} attention"}
 
     def _specialist(self, domain: str) -> dict:
         sp = self.cfg.specialists
-        runs = S.train_specialist(domain, self.final("sft"), self.out / f"specialist-{domain}", sp["steps"],
-                                  sp.get("rl"), report=self.out / "report.json", log=self.log)
+        own = sp.get("by_domain", {}).get(domain, {})
+        steps, rl = {**sp["steps"], **own.get("steps", {})}, {**sp.get("rl", {}), **own.get("rl", {})}
+        runs = S.train_specialist(domain, self.final("sft"), self.out / f"specialist-{domain}", steps, rl,
+                                  report=self.out / "report.json", log=self.log)
         change = param_change(self.final("sft"), self.final(f"specialist-{domain}"))
         return {"runs": {m: {k: r[k] for k in ("before", "after", "steps", "seconds")} for m, r in runs.items()},
                 "change": change, "note": ", ".join(f"{m} {r['before']:.2f} -> {r['after']:.2f}" for m, r in runs.items())}

@@ -187,16 +187,16 @@ def main(argv: list[str]) -> int:
     """`dsv32 distill train`: SFT on the records, then optional on-policy distillation; writes OUT/final/."""
     from ..train.stages import build_model
 
-    d = sft.DEFAULTS
+    d = sft.RECIPES["tiny"]
     p = argparse.ArgumentParser(prog="dsv32 distill train", description=__doc__.split("\n")[0])
     p.add_argument("--init-from", required=True, metavar="DIR", help="the student's start (e.g. the SFT'd base)")
     p.add_argument("--data", action="append", default=[], metavar="FILE.jsonl", help="records (repeatable)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--seq-len", type=int, default=d["seq_len"])
-    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-policy-steps", type=int, default=0, help="on-policy reverse-KL steps after the SFT")
     p.add_argument("--on-policy-lr", type=float, default=OnPolicyConfig.lr)
