@@ -9,7 +9,7 @@ checkpoints):
 
     pretrain, dsa-warmup, dsa-sparse, dense-control   the DSA recipe (`dsv32.train.recipe`; its `dsa` report)
     sft                    cold start on generated tasks, all domains, both modes, sparse attention -> `base`
-    specialist-<domain>    GRPO per domain (math, tool, logic, alignment) from `base`, thinking then non-thinking
+    specialist-<domain>    GRPO per domain (math, tool, logic, alignment) from `base`, both modes in one run
     generate               each specialist answers its domain's training prompts in both modes: best of N,
                            verified, deduplicated JSONL records + statistics
     distill                one generalist: SFT of `base` on the union (optionally on-policy reverse KL)
@@ -44,16 +44,16 @@ class PipelineConfig:
     name: str = "tiny"
     recipe: dict = field(default_factory=dict)       # dsv32.train.recipe.Recipe fields
     sft: dict = field(default_factory=dict)          # recipe (a dsv32.train.sft.RECIPES name) + Recipe fields
-    specialists: dict = field(default_factory=dict)  # domains, steps {mode: n}, rl {RLConfig overrides},
-    #                                                  by_domain {domain: {steps, rl}} (merged over the common ones)
+    specialists: dict = field(default_factory=dict)  # domains, steps, rl {RLConfig overrides},
+    #                                                  by_domain {domain: {steps, rl}} (over the common ones)
     generate: dict = field(default_factory=dict)     # GenerateConfig fields
     distill: dict = field(default_factory=dict)      # steps lr batch_size seq_len warmup_steps on_policy_steps
-    mixed: dict = field(default_factory=dict)        # steps {mode: n}, rl {RLConfig overrides}
+    mixed: dict = field(default_factory=dict)        # steps, rl {RLConfig overrides}
     speciale: dict = field(default_factory=dict)     # steps, rl {RLConfig overrides}
     eval: dict = field(default_factory=dict)         # n, max_tokens, max_batch
 
     def replace(self, **dotted) -> "PipelineConfig":
-        """A copy with dotted overrides (`sft.steps`, `specialists.steps.thinking`, `recipe.pretrain_steps`)."""
+        """A copy with dotted overrides (`sft.steps`, `specialists.rl.lr`, `recipe.pretrain_steps`)."""
         d = copy.deepcopy(asdict(self))
         for key, value in dotted.items():
             parts, target = key.split("."), d
@@ -85,12 +85,11 @@ def tiny() -> PipelineConfig:
         recipe=dict(seq_len=512, batch_size=8, pretrain_steps=150, warmup_steps=40, sparse_steps=60,
                     n_synthetic=600, eval_lengths=(256, 512), eval_n=6, val_rows=8),
         sft=dict(recipe="tiny", steps=200),
-        specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 10, "non_thinking": 6},
-                         rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48},
-                         by_domain={"tool": {"steps": {"thinking": 6, "non_thinking": 3}, "rl": {"prompts_per_step": 4}}}),
+        specialists=dict(domains=list(S.DOMAINS), steps=16, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48},
+                         by_domain={"tool": {"steps": 8}}),
         generate=dict(prompts=160, samples=4, temperature=0.8, max_tokens=64),
         distill=dict(steps=120, lr=1e-3, batch_size=8, seq_len=448, warmup_steps=10, on_policy_steps=0),
-        mixed=dict(steps={"thinking": 12}, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
+        mixed=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
         speciale=dict(steps=12, rl={**_EVAL_RL, "prompts_per_step": 8}),
         eval=dict(n=64, max_tokens=64, max_batch=64),
     )
@@ -113,10 +112,10 @@ def micro() -> PipelineConfig:
                     eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
         sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
-        specialists=dict(domains=list(S.DOMAINS), steps={"thinking": 1, "non_thinking": 1}, rl=rl),
+        specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl),
         generate=dict(prompts=16, samples=4, temperature=0.7, max_tokens=24, max_turns=2),
         distill=dict(steps=3, lr=2e-3, batch_size=2, seq_len=640, warmup_steps=1, on_policy_steps=0),
-        mixed=dict(steps={"thinking": 1}, rl=rl),
+        mixed=dict(steps=2, rl=rl),
         speciale=dict(steps=1, rl={k: v for k, v in rl.items() if k != "max_tokens"}),
         eval=dict(n=3, max_tokens=12, max_batch=16),
     )
@@ -134,14 +133,14 @@ def get(name: str) -> PipelineConfig:
 # -- RL configs of the generalist and of Speciale ---------------------------------------------------------
 
 
-def mixed_config(p: PipelineConfig, mode: str = "thinking", steps: int | None = None):
-    """V3.2's mixed RL: every specialist domain in one run, all rewards (`tiny-mixed` + the pipeline's settings)."""
+def mixed_config(p: PipelineConfig):
+    """V3.2's mixed RL: every specialist domain in one run, all rewards, both modes (`tiny-mixed` + the
+    pipeline's settings)."""
     from .rl import presets as rl_presets
 
-    steps = p.mixed["steps"].get(mode, 1) if steps is None else steps
-    return rl_presets.tiny_mixed().replace(**{"name": f"generalist-mixed-{mode.replace('_', '-')}",
+    return rl_presets.tiny_mixed().replace(**{"name": "generalist-mixed", "thinking": "both",
                                               "domains": {d: 1 for d in p.specialists["domains"]},
-                                              "thinking": mode == "thinking", "steps": steps, **p.mixed.get("rl", {})})
+                                              "steps": p.mixed["steps"], **p.mixed.get("rl", {})})
 
 
 def speciale_config(p: PipelineConfig):
@@ -278,12 +277,10 @@ class Pipeline:
     def _specialist(self, domain: str) -> dict:
         sp = self.cfg.specialists
         own = sp.get("by_domain", {}).get(domain, {})
-        steps, rl = {**sp["steps"], **own.get("steps", {})}, {**sp.get("rl", {}), **own.get("rl", {})}
-        runs = S.train_specialist(domain, self.final("sft"), self.out / f"specialist-{domain}", steps, rl,
-                                  report=self.out / "report.json", log=self.log)
-        change = param_change(self.final("sft"), self.final(f"specialist-{domain}"))
-        return {"runs": {m: {k: r[k] for k in ("before", "after", "steps", "seconds")} for m, r in runs.items()},
-                "change": change, "note": ", ".join(f"{m} {r['before']:.2f} -> {r['after']:.2f}" for m, r in runs.items())}
+        steps, rl = own.get("steps", sp["steps"]), {**sp.get("rl", {}), **own.get("rl", {})}
+        r = S.train_specialist(domain, self.final("sft"), self.out / f"specialist-{domain}", steps, rl,
+                               report=self.out / "report.json", log=self.log)
+        return {"rl": _rl_summary(r), "change": param_change(self.final("sft"), self.final(f"specialist-{domain}"))}
 
     def _generate(self) -> dict:
         from .distill.generate import generate, stats_path, write_jsonl
@@ -335,14 +332,9 @@ class Pipeline:
         from .train.stages import build_model
 
         model = build_model(init_from=self.final("distill"))
-        runs = {}
-        for mode, n in self.cfg.mixed["steps"].items():
-            if n > 0:
-                runs[mode] = S.run_rl(model, mixed_config(self.cfg, mode, n), self.out / "mixed-rl" / mode,
-                                      self.out / "report.json", self.log)
+        r = S.run_rl(model, mixed_config(self.cfg), self.out / "mixed-rl" / "rl", self.out / "report.json", self.log)
         model.save_pretrained(self.final("mixed-rl"))
-        return {"runs": {m: {k: r[k] for k in ("before", "after", "steps", "seconds")} for m, r in runs.items()},
-                "change": param_change(self.final("distill"), self.final("mixed-rl"))}
+        return {"rl": _rl_summary(r), "change": param_change(self.final("distill"), self.final("mixed-rl"))}
 
     def _speciale(self) -> dict:
         from .train.stages import build_model
@@ -350,8 +342,7 @@ class Pipeline:
         model = build_model(init_from=self.final("mixed-rl"))
         r = S.run_rl(model, speciale_config(self.cfg), self.out / "speciale" / "rl", self.out / "report.json", self.log)
         model.save_pretrained(self.final("speciale"))
-        return {"runs": {"thinking": {k: r[k] for k in ("before", "after", "steps", "seconds")}},
-                "change": param_change(self.final("mixed-rl"), self.final("speciale"))}
+        return {"rl": _rl_summary(r), "change": param_change(self.final("mixed-rl"), self.final("speciale"))}
 
     def _eval(self) -> dict:
         from .eval.suites import evaluate_suites, heldout_tasks
@@ -371,6 +362,10 @@ class Pipeline:
                          + f" (thinking/non-thinking, {res['seconds']:.0f} s)")
             seconds[name] = json.loads(dest.read_text())["seconds"]
         return {"models": list(self.models()), "seconds_by_model": seconds}
+
+
+def _rl_summary(r: dict) -> dict:
+    return {k: r[k] for k in ("before", "after", "steps", "seconds")}
 
 
 def param_change(before, after) -> float:
@@ -394,7 +389,7 @@ def param_change(before, after) -> float:
 def main(argv: list[str]) -> int:
     """`dsv32 pipeline`: parse, run, print where the report is."""
     p = argparse.ArgumentParser(prog="dsv32 pipeline", description=__doc__.split("\n")[0],
-                                epilog="Overrides: --sft.steps=100 --specialists.steps.thinking=20 "
+                                epilog="Overrides: --sft.steps=100 --specialists.steps=20 --specialists.rl.lr=1e-4 "
                                        "--recipe.pretrain_steps=200 ... (sections of PipelineConfig)")
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/pipeline-<preset>)")

@@ -65,9 +65,8 @@ def test_report_holds_eval_timeline_dsa_rl_and_plots(run):
             assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in by_mode.values())
     for key in ("recall_stage1", "recall_untrained", "val_loss_dense", "val_loss_sparse", "retrieval", "topk"):
         assert key in report["dsa"], key
-    names = {f"specialist-{d}-{m}" for d in DOMAINS for m in ("thinking", "non-thinking")}
-    assert names | {"generalist-mixed-thinking", "speciale"} <= set(report["rl"])
-    assert all({"before", "after"} <= set(report["rl"][n]) for n in names)
+    names = {f"specialist-{d}" for d in DOMAINS} | {"generalist-mixed", "speciale"}
+    assert names <= set(report["rl"]) and all({"before", "after"} <= set(report["rl"][n]) for n in names)
     assert abs(report["timeline"]["total"] - sum(v for k, v in report["timeline"].items() if k != "total")) < 0.5
     assert set(report["data"]) == set(DOMAINS) and "checks" in report
     assert all(isinstance(c["ok"], bool) for c in report["checks"].values())
@@ -125,7 +124,7 @@ def test_speciale_config_differs_from_the_generalist_as_specified():
     spec_w = spec.rubric.get("math", spec.rubric.get("*"))["length"]
     assert 0 < spec_w < gen.rubric["math"]["length"]
     assert spec.beta("math") == 0.0 and spec.loss.beta == 0.0 and gen.loss.beta > 0
-    assert spec.thinking and gen.thinking
+    assert spec.thinking is True and gen.thinking == "both"
     with pytest.raises(ValueError, match="larger length budget"):
         pipeline.speciale_config(p.replace(**{"speciale.rl.max_tokens": 16, "speciale.rl.length_budget": 16}))
 
