@@ -155,6 +155,8 @@ def test_guard_rollback_restores_the_good_checkpoint(tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("safeguard/alarm/entropy_floor") == 1 for r in logged)
     assert any(r.get("safeguard/rollbacks") == 1 for r in logged)
+    again = GRPOTrainer(micro_model(seed=1), cfg, tmp_path).train(progress=False)   # a guard stop is final
+    assert again["steps"] == summary["steps"] and again["stopped"] == "guard"
 
 
 def test_cli_writes_final_model_and_report(tmp_path):

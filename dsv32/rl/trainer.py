@@ -88,7 +88,7 @@ class GRPOTrainer:
         self.ref = copy.deepcopy(model).requires_grad_(False) if needs_ref else None
         self.pool = self._pool()
         self.loss_cfg = cfg.loss           # its entropy coefficient adapts when cfg.entropy_target > 0
-        self.cursor, self.step, self.before = 0, 0, None
+        self.cursor, self.step, self.before, self.stopped = 0, 0, None, None
         self.metrics = metrics or Metrics(self.out)
         self.guard = None
         if cfg.guard is not None:
@@ -98,16 +98,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ tasks
     def _pool(self) -> list[T.Task]:
         pool = []
-        for domain, weight in self.cfg.domains.items():
-            n = self.cfg.n_train_tasks * weight
-            while True:   # small domains hold fewer distinct tasks than asked: take what exists
-                try:
-                    pool += T.make_tasks(domain, n, split="train", seed=self.cfg.seed, difficulty=self.cfg.difficulty)
-                    break
-                except ValueError:
-                    if n <= 16:
-                        raise
-                    n //= 2
+        for domain, weight in self.cfg.domains.items():   # a small domain holds fewer tasks than asked: all of them
+            pool += T.make_tasks(domain, self.cfg.n_train_tasks * weight, split="train", seed=self.cfg.seed,
+                                 difficulty=self.cfg.difficulty, allow_fewer=True)
         random.Random(self.cfg.seed).shuffle(pool)
         return pool
 
@@ -119,7 +112,7 @@ class GRPOTrainer:
 
     def heldout(self) -> dict[str, list[T.Task]]:
         return {d: T.make_tasks(d, self.cfg.eval_n, split="heldout", seed=self.cfg.seed + 1000,
-                                difficulty=self.cfg.difficulty) for d in self.cfg.domains}
+                                difficulty=self.cfg.difficulty, allow_fewer=True) for d in self.cfg.domains}
 
     def _guard_sets(self) -> dict[str, list[T.Task]]:
         """The guard's held-out sets: cfg.eval_sets, else each domain at the run's difficulty and one above."""
@@ -128,7 +121,8 @@ class GRPOTrainer:
         if len(spec) < 2:
             spec = {**spec, f"{next(iter(self.cfg.domains))}-b": {**next(iter(spec.values())), "seed": 1}}
         return {name: T.make_tasks(s["domain"], 4 * self.cfg.guard.eval_subset or 256, split="heldout",
-                                   seed=self.cfg.seed + 2000 + s.get("seed", 0), difficulty=s["difficulty"])
+                                   seed=self.cfg.seed + 2000 + s.get("seed", 0), difficulty=s["difficulty"],
+                                   allow_fewer=True)
                 for name, s in spec.items()}
 
     # ------------------------------------------------------------------ evaluation
@@ -161,6 +155,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
         return {"cursor": self.cursor, "before": self.before, "entropy_coef": self.loss_cfg.entropy_coef,
+                "stopped": self.stopped,
                 "guard": self.guard.state_dict() if self.guard is not None else None}
 
     def save(self) -> None:
@@ -174,7 +169,7 @@ class GRPOTrainer:
         self.cursor, self.step = int(ck.data["cursor"]), ck.step
         self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=ck.data.get("entropy_coef", 0.0))
         if guard_too:
-            self.before = ck.data.get("before")
+            self.before, self.stopped = ck.data.get("before"), ck.data.get("stopped")
             if self.guard is not None and ck.data.get("guard"):
                 self.guard.load_state_dict(ck.data["guard"])
         ref_dir = self.out / "ref"
@@ -308,10 +303,9 @@ class GRPOTrainer:
         if self.guard is not None and self.guard.good is None:
             self.guard.start(self.step)
         bar = _progress(cfg.steps, self.step) if progress else None
-        stopped = None
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and self.stopped != "guard":   # a guard stop is final, also on a rerun
             if cfg.minutes and time.time() - t_start > 60 * cfg.minutes:
-                stopped = "time budget"
+                self.stopped = "time budget"
                 break
             logs = self.train_step()
             self.metrics.log(self.step, logs)
@@ -321,7 +315,7 @@ class GRPOTrainer:
             if self.guard is not None:
                 d = self.guard.observe(self.step, logs)
                 if d.stop:
-                    stopped = "guard"
+                    self.stopped = "guard"
                     break
             if self.step % cfg.ckpt_every == 0:
                 self.save()
@@ -332,7 +326,7 @@ class GRPOTrainer:
         self.metrics.log(self.step, {"eval_after/accuracy": after["accuracy"]})
         self.model.save_pretrained(self.out / "final")
         summary = {"name": cfg.name, "before": self.before["accuracy"], "after": after["accuracy"],
-                   "before_detail": self.before, "after_detail": after, "steps": self.step, "stopped": stopped,
+                   "before_detail": self.before, "after_detail": after, "steps": self.step, "stopped": self.stopped,
                    "seconds": time.time() - t_start}
         if self.guard is not None:
             summary["guard"] = {"fired": self.guard.total_fired, "alarms": dict(self.guard.fired),
