@@ -189,3 +189,11 @@ def test_both_modes_alternate_and_are_evaluated(tmp_path):
     assert "completions/thinking/mean_length" in logs and "completions/non_thinking/mean_length" in logs
     r = trainer.evaluate_heldout()
     assert set(r["modes"]) == {"thinking", "non_thinking"} and r["domains"] is r["modes"]["thinking"]
+
+
+def test_epochs_reuse_the_rollout_against_the_same_pi_old(tmp_path):
+    trainer = GRPOTrainer(micro_model(), micro_cfg(minibatches=1, epochs=2, lr=1e-3), tmp_path)
+    torch.manual_seed(0)
+    logs = trainer.train_step()
+    # Pass 1 has ratio exactly 1; pass 2 sees the policy moved by pass 1, against the stored π_old.
+    assert logs["is/ratio_max"] > 1.0 and logs["grad_norm"] > 0

@@ -43,7 +43,8 @@ class RLConfig:
     n_train_tasks: int = 1000          # training prompts per unit of domain weight (a cursor walks them)
     prompts_per_step: int = 16
     group_size: int = 8                # G samples per prompt
-    minibatches: int = 2               # optimizer steps per rollout (μ)
+    minibatches: int = 2               # slices of a rollout, one optimizer step each
+    epochs: int = 1                    # passes over the rollout (TRL num_iterations); updates = minibatches × epochs
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -85,6 +86,7 @@ class RLConfig:
             ("group_size", self.group_size >= 2, "must be >= 2 (a group needs a baseline)"),
             ("minibatches", 1 <= self.minibatches <= self.prompts_per_step * self.group_size,
              "must be in [1, prompts_per_step * group_size]"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
             ("temperature", self.temperature > 0, "must be > 0 for sampling"),
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("max_turns", self.max_turns >= 1, "must be >= 1"),

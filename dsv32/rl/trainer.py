@@ -242,7 +242,8 @@ class GRPOTrainer:
         keep = [i for i, s in enumerate(samples) if not (cfg.mask_truncated and s.truncated)
                 and (adv[i] != 0 or cfg.beta(s.task.domain) > 0 or dense_terms)]
         # Samples with zero advantage and no KL/entropy term carry no gradient: dropped (DAPO's dynamic-sampling
-        # filter, without refill). The rest are shuffled into `minibatches` slices, one optimizer step each.
+        # filter, without refill). The rest are shuffled into `minibatches` slices, one optimizer step each,
+        # for `epochs` passes (TRL's num_iterations; the clip keeps later passes near π_old).
         order = [keep[i] for i in torch.randperm(len(keep)).tolist()]
         chunks = [c for c in (order[i::cfg.minibatches] for i in range(cfg.minibatches)) if c]
         batches = [collate([samples[i] for i in c], self.model.cfg.vocab_size, self.device, cfg.temperature)
@@ -251,7 +252,9 @@ class GRPOTrainer:
             olds = [None] + [policy_logprobs(self.model, b)[0] for b in batches[1:]]
         agg: dict[str, float] = {}
         beta_scale = self.guard.beta_scale if self.guard is not None else 1.0
-        for chunk, batch, old in zip(chunks, batches, olds):
+        updates = [(j, epoch) for epoch in range(cfg.epochs) for j in range(len(chunks))]
+        for j, epoch in updates:
+            chunk, batch, old = chunks[j], batches[j], olds[j]
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr()
             lp, ent = policy_logprobs(self.model, batch, entropy=True,
@@ -261,7 +264,9 @@ class GRPOTrainer:
                 with torch.no_grad():
                     ref = policy_logprobs(self.ref, batch)[0]
             beta_B = torch.tensor([cfg.beta(samples[i].task.domain) * beta_scale for i in chunk], device=self.device)
-            loss, m = grpo_loss(lp, lp.detach() if old is None else old, adv[chunk].to(self.device), batch["mask"],
+            if old is None:      # the first slice's first pass: π_old is this very forward (ratio exactly 1)
+                old = olds[j] = lp.detach()
+            loss, m = grpo_loss(lp, old, adv[chunk].to(self.device), batch["mask"],
                                 self.loss_cfg, sampler_logps_BT=batch["sampler_logps"], ref_logps_BT=ref, beta_B=beta_B,
                                 entropy_BT=ent)
             loss.backward()
@@ -270,7 +275,7 @@ class GRPOTrainer:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v / len(chunks)
+                agg[k] = agg.get(k, 0.0) + v / len(updates)
             if cfg.entropy_target > 0:
                 coef = adaptive_entropy_coef(self.loss_cfg.entropy_coef, m["entropy"], cfg.entropy_target)
                 self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=coef)
