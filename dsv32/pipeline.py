@@ -46,8 +46,9 @@ class PipelineConfig:
     sft: dict = field(default_factory=dict)          # recipe (a dsv32.train.sft.RECIPES name) + Recipe fields
     specialists: dict = field(default_factory=dict)  # domains, steps, rl {RLConfig overrides},
     #                                                  by_domain {domain: {steps, rl}} (over the common ones)
-    generate: dict = field(default_factory=dict)     # GenerateConfig fields
-    distill: dict = field(default_factory=dict)      # steps lr batch_size seq_len warmup_steps on_policy_steps
+    generate: dict = field(default_factory=dict)     # GenerateConfig fields, by_domain {domain: {fields}}
+    distill: dict = field(default_factory=dict)      # steps (at most) epochs lr batch_size seq_len warmup_steps
+    #                                                  on_policy_steps
     mixed: dict = field(default_factory=dict)        # steps, rl {RLConfig overrides}
     speciale: dict = field(default_factory=dict)     # steps, rl {RLConfig overrides}
     eval: dict = field(default_factory=dict)         # n, max_tokens, max_batch
@@ -75,23 +76,27 @@ class PipelineConfig:
                 "distill", "mixed-rl", "speciale", "eval", "report")
 
 
-_EVAL_RL = {"eval_n": 64}   # the RL runs' own before/after check; the pipeline's eval stage is the real one
+_EVAL_RL = {"eval_n": 32}   # the RL runs' own before/after check; the pipeline's eval stage is the real one
 
 
 def tiny() -> PipelineConfig:
-    """The `make demo` run: the tiny model through every stage, budgeted for 25 minutes on a 2-core CPU."""
+    """The `make demo` run: the tiny model through every stage, budgeted for about 25 minutes of one CPU core
+    (measured stage by stage: the DSA recipe ~6.5 min, SFT ~5, specialists ~4, data ~2, the rest ~6). Tool
+    prompts carry the tool schemas (~400 byte tokens), so the tool specialist gets fewer, smaller steps."""
+    rl = {**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}
     return PipelineConfig(
         name="tiny",
         recipe=dict(seq_len=512, batch_size=8, pretrain_steps=150, warmup_steps=40, sparse_steps=60,
                     n_synthetic=600, eval_lengths=(256, 512), eval_n=6, val_rows=8),
-        sft=dict(recipe="tiny", steps=200),
-        specialists=dict(domains=list(S.DOMAINS), steps=16, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48},
-                         by_domain={"tool": {"steps": 8}}),
-        generate=dict(prompts=160, samples=4, temperature=0.8, max_tokens=64),
-        distill=dict(steps=120, lr=1e-3, batch_size=8, seq_len=448, warmup_steps=10, on_policy_steps=0),
-        mixed=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}),
-        speciale=dict(steps=12, rl={**_EVAL_RL, "prompts_per_step": 8}),
-        eval=dict(n=64, max_tokens=64, max_batch=64),
+        sft=dict(recipe="tiny", steps=160),
+        specialists=dict(domains=list(S.DOMAINS), steps=16, rl=rl,
+                         by_domain={"tool": {"steps": 6, "rl": {"prompts_per_step": 4}}}),
+        generate=dict(prompts=96, samples=4, temperature=0.8, max_tokens=48,
+                      by_domain={"math": {"prompts": 160}, "tool": {"prompts": 24}}),
+        distill=dict(steps=80, epochs=3, lr=1e-3, batch_size=8, seq_len=600, warmup_steps=5, on_policy_steps=0),
+        mixed=dict(steps=12, rl=rl),
+        speciale=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 8}),
+        eval=dict(n=48, max_tokens=64, max_batch=64),
     )
 
 
@@ -286,9 +291,10 @@ class Pipeline:
         from .distill.generate import generate, stats_path, write_jsonl
         from .train.stages import build_model
 
-        gcfg = GenerateConfig(**self.cfg.generate)
+        common = {k: v for k, v in self.cfg.generate.items() if k != "by_domain"}
         out, stats = self.out / "generate", {}
         for d in self.cfg.specialists["domains"]:
+            gcfg = GenerateConfig(**{**common, **self.cfg.generate.get("by_domain", {}).get(d, {})})
             path = out / f"{d}.jsonl"
             if not (path.is_file() and stats_path(path).is_file()):
                 model = build_model(init_from=self.final(f"specialist-{d}"))
@@ -316,8 +322,8 @@ class Pipeline:
                            warmup_steps=min(c["warmup_steps"], c["steps"]), log_every=max(c["steps"] // 5, 1),
                            out_dir=str(self.out / "distill"))
         with Metrics(self.out / "distill", echo=False) as m:
-            s = distill.distill_sft(model, files, tcfg, metrics=m)
-        summary = {"examples": s["examples"], "modes": s["modes"], "final_loss": s["final_loss"]}
+            s = distill.distill_sft(model, files, tcfg, epochs=c.get("epochs"), metrics=m)
+        summary = {"examples": s["examples"], "modes": s["modes"], "final_loss": s["final_loss"], "steps": s["steps"]}
         if c.get("on_policy_steps"):
             teachers = {d: build_model(init_from=self.final(f"specialist-{d}")) for d in self.cfg.specialists["domains"]}
             ocfg = distill.OnPolicyConfig(steps=c["on_policy_steps"], lr=c.get("on_policy_lr", 1e-4))
@@ -325,7 +331,7 @@ class Pipeline:
                 summary["on_policy"] = distill.on_policy_distill(model, teachers, ocfg, metrics=m)
         model.save_pretrained(self.final("distill"))
         summary["change"] = param_change(self.final("sft"), self.final("distill"))
-        summary["note"] = f"{s['examples']} records, loss {s['final_loss']:.3f}"
+        summary["note"] = f"{s['examples']} records, {s['steps']} steps, loss {s['final_loss']:.3f}"
         return summary
 
     def _mixed(self) -> dict:

@@ -46,12 +46,17 @@ def sft_examples(paths: list, tokenizer=None) -> list[sft.Example]:
     return out
 
 
-def distill_sft(model, paths: list, cfg: TrainConfig, *, resume: bool = True, metrics: Metrics | None = None) -> dict:
-    """Sequence-level distillation: SFT of `model` on the union of the record files (in place)."""
+def distill_sft(model, paths: list, cfg: TrainConfig, *, epochs: float | None = None, resume: bool = True,
+                metrics: Metrics | None = None) -> dict:
+    """Sequence-level distillation: SFT of `model` on the union of the record files (in place), for cfg.steps
+    optimizer steps or `epochs` passes over the records, whichever is fewer (the schedule follows)."""
     examples = sft_examples(paths)
     data = sft.SFTData(examples, cfg.seq_len, cfg.seed)
     if cfg.batch_size > len(data):  # few verified records (a small run): every row in every batch
         cfg = dataclasses.replace(cfg, batch_size=len(data))
+    if epochs is not None:
+        steps = max(1, min(cfg.steps, math.ceil(epochs * len(data) / cfg.batch_size)))
+        cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
     summary = sft.run_sft(model, data, cfg, resume=resume, metrics=metrics)
     modes = {"thinking": sum(e.thinking for e in examples), "non_thinking": sum(not e.thinking for e in examples)}
     return {**summary, "examples": len(examples), "rows": len(data), "target_tokens": data.target_tokens,
@@ -197,6 +202,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--epochs", type=float, default=None, help="at most this many passes over the records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-policy-steps", type=int, default=0, help="on-policy reverse-KL steps after the SFT")
     p.add_argument("--on-policy-lr", type=float, default=OnPolicyConfig.lr)
@@ -214,7 +220,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                       warmup_steps=min(args.warmup_steps, args.steps), out_dir=str(out / "sft"))
-    s = distill_sft(model, args.data, cfg, resume=not args.no_resume)
+    s = distill_sft(model, args.data, cfg, epochs=args.epochs, resume=not args.no_resume)
     print(f"distill train: SFT on {s['examples']} records ({s['modes']['thinking']} thinking, "
           f"{s['modes']['non_thinking']} non-thinking), {s['steps']} steps, final loss {s['final_loss']:.4f}", flush=True)
     if args.on_policy_steps:
