@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-demo: install
-	$(PY) -m dsv32 demo
+demo: install  # every stage on the tiny model (DSA recipe -> ... -> Speciale), then the report
+	$(PY) -m dsv32 pipeline --preset tiny --out runs/pipeline-tiny
+	@echo "make demo: report in runs/pipeline-tiny/report.md (report.json and PNG plots beside it)"
 
 test: install
 	$(PY) -m pytest -q
