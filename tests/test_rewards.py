@@ -143,3 +143,15 @@ def test_rubric_rejects_unknown_rewards_domains_and_bad_values():
         Rubric({"math": {"correctness": 1.0}}).score("x", Task("q", "a", "logic"))
     with pytest.raises(ValueError, match="finite"):
         Rubric({"*": {"nan": 1.0}}, rewards={"nan": lambda text, task, **kw: math.nan}).score("x", Task("q", "a", "m"))
+
+
+def test_tool_grounding_rewards_answers_read_off_a_tool_output():
+    from dsv32.rl.rewards import tool_grounding
+
+    task = next(t for t in make_tasks("tool", 20, seed=4) if t.meta["calls"][0]["name"] == "lookup")
+    out = [{"role": "tool", "content": task.meta["outputs"][0]}]
+    assert tool_grounding(f"</think>{task.answer}{EOS}", task, transcript=out) == 1.0
+    assert tool_grounding(f"</think>zzz{EOS}", task, transcript=out) == 0.0
+    assert tool_grounding(f"</think>{task.answer}{EOS}", task, transcript=[]) == 0.0      # no tool was read
+    assert tool_grounding(f"</think>{task.answer}", task, transcript=out, truncated=True) == 0.0
+    assert tool_grounding(f"</think>5{EOS}", make_tasks("math", 1)[0]) is None

@@ -29,7 +29,7 @@ from .tasks import DOMAINS
 REASONING_WEIGHTS = {"correctness": 1.0, "format": 0.2, "length": 0.2, "language": 0.1}
 DEFAULT_RUBRIC = {
     "math": REASONING_WEIGHTS, "countdown": REASONING_WEIGHTS, "logic": REASONING_WEIGHTS,
-    "tool": {"tool": 1.0, "format": 0.2, "length": 0.2, "language": 0.1},
+    "tool": {"tool": 1.0, "tool_grounding": 0.3, "format": 0.2, "length": 0.2, "language": 0.1},
     "alignment": {"alignment": 1.0, "format": 0.2, "length": 0.2, "language": 0.1},
 }
 

@@ -191,6 +191,29 @@ def tool_success(completion_text: str, task: Task, *, thinking: bool = True, tru
     return float(ran and bool(answer) and verify(task, answer))
 
 
+def tool_grounding(completion_text: str, task: Task, *, thinking: bool = True, truncated: bool = False,
+                   transcript: list[dict] | None = None, **info) -> float | None:
+    """Partial credit for agentic tasks: 1.0 when the final answer appears verbatim in a tool output of this
+    episode (the answer was read off the tool, not made up), else 0.0; None for tasks without tools. It
+    rewards the skill tool use rests on (copying the observation), so a model that calls tools but cannot yet
+    answer still gets a learning signal; correctness comes from `tool_success`.
+
+    >>> t = Task("What is the code of Kalo?", "123", "tool", {"tools": ["lookup"]})
+    >>> msgs = [{"role": "tool", "content": "Kalo: code 123, city Oslo"}]
+    >>> tool_grounding("</think>123<｜end▁of▁sentence｜>", t, transcript=msgs)
+    1.0
+    >>> tool_grounding("</think>42<｜end▁of▁sentence｜>", t, transcript=msgs)
+    0.0
+    """
+    if not task.meta.get("tools"):
+        return None
+    if truncated:
+        return 0.0
+    answer = final_answer(completion_text, thinking)
+    outputs = [str(m.get("content", "")) for m in (transcript or []) if m.get("role") == "tool"]
+    return float(bool(answer) and any(answer in out for out in outputs))
+
+
 # ---------------------------------------------------------------------------------------------- alignment
 
 def alignment_rules(completion_text: str, task: Task, *, thinking: bool = True, truncated: bool = False,
@@ -225,5 +248,6 @@ def length_judge(completion_text: str, task: Task, *, thinking: bool = True, tar
 
 
 REWARDS = {"correctness": correctness, "format": format_reward, "length": length_penalty,
-           "language": language_consistency, "tool": tool_success, "alignment": alignment_rules,
+           "language": language_consistency, "tool": tool_success, "tool_grounding": tool_grounding,
+           "alignment": alignment_rules,
            "length_judge": length_judge}
