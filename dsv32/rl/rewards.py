@@ -44,8 +44,10 @@ def final_answer(text: str, thinking: bool = True) -> str:
 
 # ---------------------------------------------------------------------------------------------- correctness
 
+@lru_cache(maxsize=65536)
 def _math_equal(gold: str, answer: str) -> bool:
-    """math-verify's parse + verify (LaTeX, fractions, decimals); falls back to exact arithmetic."""
+    """math-verify's parse + verify (LaTeX, fractions, decimals); falls back to exact arithmetic. Cached: the
+    samples of a group often give the same answer."""
     try:
         from math_verify import parse, verify as mv_verify
 
