@@ -112,8 +112,9 @@ def test_distillation_records(tmp_path):
     target = lambda e: TOK.decode([i for i, m in zip(e.ids, e.mask) if m])  # noqa: E731
     assert target(think) == "2+3=5</think>5<｜end▁of▁sentence｜>" and think.thinking
     assert target(plain) == "5<｜end▁of▁sentence｜>" and not plain.thinking
-    called = tool_msgs[1]["tool_calls"][0]["function"]["name"]  # tools offered: the ones the record calls
-    assert f'{{"name": "{called}", "description"' in TOK.decode(tool.ids) and sum(tool.mask) > 0
+    assert "## Tools" not in TOK.decode(tool.ids) and sum(tool.mask) > 0  # tools not described (tasks.py)
+    described = sft.record_example({**rows[2], "tools": [T.TOOLS["calc"]]}, TOK)
+    assert '{"name": "calc", "description"' in TOK.decode(described.ids)
     cases = {"{bad": "d.jsonl:2: invalid JSON", json.dumps({"messages": []}): "d.jsonl:2: 'messages' must be",
              json.dumps(_record(mode="fast")): "d.jsonl:2: mode 'fast'",
              json.dumps({"messages": [{"role": "user", "content": "x"}]}): "d.jsonl:2: no assistant message"}

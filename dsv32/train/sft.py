@@ -128,8 +128,9 @@ def read_records(path) -> list[dict]:
 
 def record_example(row: dict, tokenizer) -> Example:
     """A record as an Example: top-level `reasoning_content` fills the last assistant turn's if it has none;
-    tools are the record's `tools`, else the built-in specs of the tools its calls name."""
-    from ..rl.tasks import TOOLS
+    tools are the record's `tools`, else the built-in specs of the tools its calls name when tools are
+    described (`rl.tasks.DESCRIBE_TOOLS`, as `tools_for` does for generated tasks)."""
+    from ..rl.tasks import DESCRIBE_TOOLS, TOOLS
 
     thinking = MODES[row.get("mode", "thinking")]
     msgs = [dict(m) for m in row["messages"]]
@@ -137,7 +138,7 @@ def record_example(row: dict, tokenizer) -> Example:
     if thinking and not msgs[last].get("reasoning_content") and row.get("reasoning_content"):
         msgs[last]["reasoning_content"] = row["reasoning_content"]
     tools = row.get("tools")
-    if tools is None:
+    if tools is None and DESCRIBE_TOOLS:
         names = {c["function"]["name"] for m in msgs for c in (m.get("tool_calls") or [])}
         tools = [TOOLS[n] for n in sorted(names) if n in TOOLS] or None
     return encode(msgs, tokenizer, thinking=thinking, tools=tools, domain=str(row.get("domain", "data")))
