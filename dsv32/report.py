@@ -50,9 +50,13 @@ def checks(eval_: dict, details: dict, domains, minutes: float | None) -> dict:
     for d in domains:
         s, b, g = a(f"specialist-{d}", d), a("base", d), a("generalist", d)
         if s is not None and b is not None:
-            out[f"specialist_{d}_beats_base_by_10pts"] = {"ok": s - b >= 0.10, "specialist": s, "base": b}
-        if s is not None and g is not None:
-            out[f"generalist_{d}_ge_90pct_of_specialist"] = {"ok": g >= 0.9 * s, "generalist": g, "specialist": s}
+            out[f"specialist_{d}_beats_base_by_10pts"] = {
+                "ok": s - b >= 0.10, "specialist": s, "base": b,
+                "non_thinking_specialist": a(f"specialist-{d}", d, "non_thinking"),
+                "non_thinking_base": a("base", d, "non_thinking")}
+        if s is not None and g is not None:   # vacuous when the specialist scores 0: say so
+            out[f"generalist_{d}_ge_90pct_of_specialist"] = {"ok": g >= 0.9 * s, "generalist": g, "specialist": s,
+                                                             "vacuous": s == 0}
     t, n = a("generalist", "math"), a("generalist", "math", "non_thinking")
     if t is not None and n is not None:
         out["generalist_math_thinking_ge_non_thinking"] = {"ok": t >= n, "thinking": t, "non_thinking": n}
@@ -83,7 +87,7 @@ def build(out, state: dict, models: dict) -> Path:
     timeline = {("dsa-eval" if s == "dsa" else s): v for s, v in timeline.items()}
     timeline["total"] = round(sum(timeline.values()), 1)
     cpu = {s: round(v["cpu_seconds"], 1) for s, v in state.items() if isinstance(v, dict) and "cpu_seconds" in v}
-    if "recipe_cpu_seconds" in state.get("dsa", {}):
+    if "recipe_cpu_seconds" in state.get("dsa", {}):   # the process that finished the recipe (after a resume: less)
         cpu["dsa-recipe"] = round(state["dsa"]["recipe_cpu_seconds"], 1)
     cpu["total"] = round(sum(cpu.values()), 1)
     report.update({
@@ -115,7 +119,9 @@ def markdown(out: Path, r: dict, domains) -> str:
              "dual-mode data -> distillation (`distilled`) -> mixed RL (`generalist`) -> Speciale.", "",
              "## Checks", ""]
     for name, c in r.get("checks", {}).items():
-        nums = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items() if k != "ok")
+        nums = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
+                         if k not in ("ok", "vacuous"))
+        nums += " (vacuous: the specialist scores 0)" if c.get("vacuous") else ""
         lines.append(f"- {'PASS' if c['ok'] else 'FAIL'} {name}: {nums}")
     lines += ["", "## Held-out accuracy (greedy; thinking / non-thinking)", "",
               "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
@@ -136,7 +142,8 @@ def markdown(out: Path, r: dict, domains) -> str:
             lines.append(f"| {d} | {mode} | {s['prompts']} | {s['candidates']} | {s['verified_rate']:.2f} | "
                          f"{s['prompt_yield']:.2f} | {s['duplicates']} | {s['records']} | {s['mean_length']:.1f} |")
     lines += ["", "## Timeline", "", "Wall seconds, and the process's CPU seconds (on a shared machine the wall clock "
-              "also counts other processes' work; the DSA recipe's CPU time is given for its four stages together).",
+              "also counts other processes' work; the DSA recipe's CPU time is given for its four stages together, "
+              "as spent by the process that finished it).",
               "", "| stage | seconds | CPU seconds | weight change vs its input |", "|---|---|---|---|"]
     stages, cpu = r.get("stages", {}), r.get("timeline_cpu", {})
     for s, sec in tl.items():
