@@ -19,6 +19,7 @@ from dsv32 import Trace, Transformer
 from dsv32.kernels import cpu
 from dsv32.kernels.cpu import common as cpu_common
 from dsv32.kernels.cpu import indexer as cpu_indexer
+from dsv32.kernels.cpu import mla as cpu_mla
 from dsv32.kernels import reference as ref
 
 
@@ -198,6 +199,44 @@ def test_sparse_mla_no_slots():
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in inputs)
+
+
+def test_sparse_mla_blocks_straddle_batch_rows(monkeypatch):
+    """Query blocks run over the B*T rows of all batch rows: blocks that cross a batch boundary gather
+    each query's keys from its own batch row (forward and gradients)."""
+    B, T, S, H, R, P, K = 3, 9, 40, 3, 16, 8, 12
+    monkeypatch.setattr(cpu_common, "BLOCK_BYTES", 4 * 4176)  # 10 rows per forward block, 4 per backward
+    inputs = _attn_inputs(B, T, S, H, R, P, seed=5)
+    idx = _idx(B, T, S, K, seed=5)
+    out = cpu.sparse_mla(*inputs, idx, 0.4)
+    expect = ref.sparse_mla_gathered(*inputs, idx, 0.4)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+    go = torch.randn(out.shape, generator=_gen(5))
+    for a, b in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(expect, inputs, go)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_decode_over_a_ragged_cache_slice():
+    """Decode at batch 4 reads slices `buffer[:, :S]` of a longer cache (rows of different lengths, as the
+    engine's continuous batching leaves them): one block for all rows, no copy of the cache, exact."""
+    B, S, cap, H, R, P, D, K = 4, 700, 1000, 4, 32, 8, 16, 64
+    g = _gen(6)
+    kv_buf, pe_buf, ik_buf = torch.randn(B, cap, R, generator=g), torch.randn(B, cap, P, generator=g), \
+        torch.randn(B, cap, D, generator=g)
+    kv, pe, ik = kv_buf[:, :S], pe_buf[:, :S], ik_buf[:, :S]
+    assert not kv.is_contiguous()
+    iq, iw = torch.randn(B, 1, H, D, generator=g), torch.randn(B, 1, H, generator=g) * (H * D) ** -0.5
+    ks = torch.tensor([[0], [0], [250], [0]])
+    ke = torch.tensor([[700], [40], [690], [65]])  # long, shorter than k, a document, just over k
+    idx = cpu.indexer_topk(iq, iw, ik, None, ks, ke, K)
+    assert torch.equal(idx, _ref_topk(iq, iw, ik.contiguous(), None, ks, ke, K))
+    q_lat, q_pe = torch.randn(B, 1, H, R, generator=g) * 0.3, torch.randn(B, 1, H, P, generator=g) * 0.3
+    flat, per = cpu_mla._flat_rows(kv)
+    assert flat.data_ptr() == kv_buf.data_ptr() and per == cap  # the cache slice is viewed, not copied
+    assert torch.equal(flat[2 * cap + 5], kv[2, 5])
+    out = cpu.sparse_mla(q_lat, q_pe, kv, pe, idx, 0.3)
+    torch.testing.assert_close(out, ref.sparse_mla_gathered(q_lat, q_pe, kv.contiguous(), pe.contiguous(), idx, 0.3),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_mla_invalid_slots_never_touch_the_last_key():

@@ -12,27 +12,29 @@ _KEY_TILE = 2048  # keys per scoring tile: the [rows * H, tile] logits stay in c
 _SAMPLE_HITS = 128  # prefilter: expected top-k members in the strided sample of a row
 
 
-def _block_scores(q_THD: torch.Tensor, w_TH: torch.Tensor, k_SD: torch.Tensor, k_scale_S: torch.Tensor | None,
+def _block_scores(q_bTHD: torch.Tensor, w_bTH: torch.Tensor, k_bSD: torch.Tensor, k_scale_bS: torch.Tensor | None,
                   cdt: torch.dtype) -> torch.Tensor:
-    """fp32 [T, S] index scores of a query block against a key slice, tile by tile over keys.
+    """fp32 [b * T, S] index scores of b batch rows' query blocks against their key slices, tile by tile over keys.
 
     fp32: the same arithmetic as `reference.indexer_scores` (bit-identical). bf16: logits from the bf16
-    matmul (fp32 accumulation, rounded to bf16), ReLU, then the head-weighted sum in fp32.
+    matmul (fp32 accumulation, rounded to bf16), ReLU, then the head-weighted sum in fp32. Several batch
+    rows in one call (decode: b rows of one query each) share one top-k afterwards.
     """
-    T, H, D = q_THD.shape
-    S = k_SD.shape[0]
-    q_XD = q_THD.to(cdt).reshape(T * H, D)
-    w_T1H = w_TH.float()[:, None, :]
-    out_TS = torch.empty(T, S, dtype=torch.float32, device=q_THD.device)
+    b, T, H, D = q_bTHD.shape
+    S = k_bSD.shape[1]
+    q_bXD = q_bTHD.to(cdt).reshape(b, T * H, D)
+    w_bT1H = w_bTH.float().reshape(b, T, 1, H)
+    out_bTS = torch.empty(b, T, S, dtype=torch.float32, device=q_bTHD.device)
     tile = max(_KEY_TILE, (2 << 20) // (T * H * 6))  # ~2 MB of logits per tile; decode: one tile
-    for s0 in range(0, S, tile):
-        s1 = min(S, s0 + tile)
-        logits_THS = (q_XD @ k_SD[s0:s1].to(cdt).T).view(T, H, s1 - s0).relu_()
-        tile_TS = torch.bmm(w_T1H, logits_THS.float()).squeeze(1)
-        if k_scale_S is not None:
-            tile_TS = tile_TS * k_scale_S[s0:s1].float()
-        out_TS[:, s0:s1] = tile_TS
-    return out_TS
+    for i in range(b):  # one mm per batch row: bf16 bmm with few rows is ~10x slower than mm on CPU
+        for s0 in range(0, S, tile):
+            s1 = min(S, s0 + tile)
+            logits_THS = (q_bXD[i] @ k_bSD[i, s0:s1].to(cdt).T).view(T, H, s1 - s0).relu_()
+            tile_TS = torch.bmm(w_bT1H[i], logits_THS.float()).squeeze(1)
+            if k_scale_bS is not None:
+                tile_TS = tile_TS * k_scale_bS[i, s0:s1].float()
+            out_bTS[i, :, s0:s1] = tile_TS
+    return out_bTS.view(b * T, S)
 
 
 def _orderable32(x: torch.Tensor) -> torch.Tensor:
@@ -126,17 +128,20 @@ def indexer_topk(q_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_BSD: torch.Tensor,
     ks_BT = ks_BT.to(torch.int64).clamp(0, S)
     ke_BT = ke_BT.to(torch.int64).clamp(0, S)
     # per query row: fp32 scores, masks, int64 keys (direct path); the logits are per key tile
-    tb = _rows_for(S * (4 + 1 + 8 + 8) + H * _KEY_TILE * 8, T, cap=256)
-    for b in range(B):
-        k_SD = k_BSD[b]
-        ks_b, ke_b = ks_BT[b], ke_BT[b]
-        for t0 in range(0, T, tb):
-            t1 = min(T, t0 + tb)
-            ks_T, ke_T = ks_b[t0:t1], ke_b[t0:t1]
-            lo, hi = int(ks_T.min()), int(ke_T.max())
+    tb = _rows_for(S * (4 + 1 + 8 + 8) + H * _KEY_TILE * 8, B * T, cap=256)
+    # Short query blocks (decode, small chunks): nb batch rows share one block and one top-k over all
+    # their rows (each row keeps its own [ks, ke)).
+    nb = max(1, tb // T)
+    for b0 in range(0, B, nb):
+        b1 = min(B, b0 + nb)
+        step = T if b1 - b0 > 1 else min(T, tb)
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            ks_N, ke_N = ks_BT[b0:b1, t0:t1].reshape(-1), ke_BT[b0:b1, t0:t1].reshape(-1)
+            lo, hi = int(ks_N.min()), int(ke_N.max())
             if hi <= lo:
                 continue
-            scores_TS = _block_scores(q_BTHD[b, t0:t1], w_BTH[b, t0:t1], k_SD[lo:hi],
-                                      None if k_scale_BS is None else k_scale_BS[b, lo:hi], cdt)
-            _topk_block(scores_TS, lo, ks_T, ke_T, out[b, t0:t1], S)
+            scores_NS = _block_scores(q_BTHD[b0:b1, t0:t1], w_BTH[b0:b1, t0:t1], k_BSD[b0:b1, lo:hi],
+                                      None if k_scale_BS is None else k_scale_BS[b0:b1, lo:hi], cdt)
+            _topk_block(scores_NS, lo, ks_N, ke_N, out[b0:b1, t0:t1].view(-1, k_out), S)  # a view: written in place
     return out

@@ -24,21 +24,45 @@ def _trim(idx_TK: torch.Tensor) -> torch.Tensor:
     return idx_TK[:, : max(1, int(nz[-1]) + 1 if nz.numel() else 1)]
 
 
+def _flat_rows(x_BSC: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[B, S, C] as one [N, C] matrix of rows and the row offset of each batch row (row b*stride + s).
+
+    A cache slice `buffer[:, :S]` has contiguous rows but gaps between batch rows: it is viewed in place
+    (the gap rows are never indexed), so decode never copies the cache; anything else is made contiguous.
+    """
+    B, S, C = x_BSC.shape
+    rows_contiguous = x_BSC.stride(2) == 1 and x_BSC.stride(1) == C
+    if rows_contiguous and (B == 1 or (x_BSC.stride(0) % C == 0 and x_BSC.stride(0) >= S * C)):
+        per = x_BSC.stride(0) // C if B > 1 else S
+        return x_BSC.as_strided(((B - 1) * per + S, C), (C, 1)), per
+    return x_BSC.contiguous().view(B * S, C), S
+
+
+def _row_offsets(r0: int, r1: int, T: int, per: int, device) -> torch.Tensor | None:
+    """Flat-row offset of each query row r in [r0, r1) (batch row r // T); None when all are in batch row 0."""
+    if r1 <= T:
+        return None
+    return torch.arange(r0, r1, device=device).div_(T, rounding_mode="floor").mul_(per)[:, None]
+
+
 class _Gather:
     """Reusable gather buffers: `index_select(..., out=)` into a preallocated buffer is several times faster
     on CPU than the allocating variant (and than advanced indexing)."""
 
-    def __init__(self, kv_BSR, pe_BSP, rows_max):
-        self.kv = torch.empty(rows_max, kv_BSR.shape[-1], dtype=kv_BSR.dtype, device=kv_BSR.device)
-        self.pe = torch.empty(rows_max, pe_BSP.shape[-1], dtype=pe_BSP.dtype, device=pe_BSP.device)
+    def __init__(self, kv_NR, pe_NP, rows_max):
+        self.kv = torch.empty(rows_max, kv_NR.shape[-1], dtype=kv_NR.dtype, device=kv_NR.device)
+        self.pe = torch.empty(rows_max, pe_NP.shape[-1], dtype=pe_NP.dtype, device=pe_NP.device)
 
-    def __call__(self, kv_SR, pe_SP, idx_TK, cdt):
-        """Gathered latents [T, K, R], [T, K, P] (cdt, contiguous) and the validity mask of the slots."""
+    def __call__(self, kv_NR, pe_NP, idx_TK, cdt, off_kv=None, off_pe=None):
+        """Gathered latents [T, K, R], [T, K, P] (cdt, contiguous) and the validity mask of the slots.
+        `off_*` [T, 1]: each query's batch-row offset into the flat rows (None: 0)."""
         T, K = idx_TK.shape
         valid_TK = idx_TK >= 0
-        rows = idx_TK.clamp_min(0).reshape(-1)  # -1 reads row 0 and is masked: never the last key
-        kv = torch.index_select(kv_SR, 0, rows, out=self.kv[: T * K])
-        pe = torch.index_select(pe_SP, 0, rows, out=self.pe[: T * K])
+        rows = idx_TK.clamp_min(0)  # -1 reads its batch row's row 0 and is masked: never the last key
+        rows_kv = (rows if off_kv is None else rows + off_kv).reshape(-1)
+        rows_pe = (rows if off_pe is None else rows + off_pe).reshape(-1)
+        kv = torch.index_select(kv_NR, 0, rows_kv, out=self.kv[: T * K])
+        pe = torch.index_select(pe_NP, 0, rows_pe, out=self.pe[: T * K])
         return kv.view(T, K, kv.shape[-1]).to(cdt), pe.view(T, K, pe.shape[-1]).to(cdt), valid_TK
 
 
@@ -80,34 +104,41 @@ def _safe_lse(lse):
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def _sparse_fwd_block(gather, q_lat_THR, q_pe_THP, kv_SR, pe_SP, idx_TK, scale, cdt):
-    kv_TKR, pe_TKP, valid_TK = gather(kv_SR, pe_SP, idx_TK, cdt)
+def _sparse_fwd_block(gather, q_lat_THR, q_pe_THP, kv_NR, pe_NP, idx_TK, scale, cdt, off_kv=None, off_pe=None):
+    kv_TKR, pe_TKP, valid_TK = gather(kv_NR, pe_NP, idx_TK, cdt, off_kv, off_pe)
     p_THK, lse_TH = _softmax_lse(_scores(q_lat_THR, q_pe_THP, kv_TKR, pe_TKP, scale, cdt), valid_TK)
     return p_THK, lse_TH, kv_TKR
 
 
 class _SparseMLA(torch.autograd.Function):
+    """Blocks run over the B * T query rows of all batch rows together (decode at batch B: one block of B
+    queries, one batched matmul), each query gathering from its own batch row of the flat latents."""
+
     @staticmethod
     def forward(ctx, q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale):
         B, T, H, R = q_lat_BTHR.shape
         P, K = pe_BSP.shape[-1], idx_BTK.shape[-1]
+        N, dev = B * T, q_lat_BTHR.device
         cdt = _compute_dtype(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP)
         esz = torch.empty((), dtype=cdt).element_size()
-        o = torch.empty(B, T, H, R, dtype=q_lat_BTHR.dtype, device=q_lat_BTHR.device)
-        lse = torch.empty(B, T, H, dtype=torch.float32, device=q_lat_BTHR.device)
-        tb = _rows_for(_sparse_rows(H, K, R, P, esz, False), T, cap=256)
-        gather = _Gather(kv_BSR, pe_BSP, tb * K)
-        for b in range(B):
-            for t0 in range(0, T, tb):
-                t1 = min(T, t0 + tb)
-                p_THK, lse[b, t0:t1], kv_TKR = _sparse_fwd_block(
-                    gather, q_lat_BTHR[b, t0:t1], q_pe_BTHP[b, t0:t1], kv_BSR[b], pe_BSP[b], _trim(idx_BTK[b, t0:t1]),
-                    scale, cdt)
-                o[b, t0:t1] = torch.bmm(p_THK.to(cdt), kv_TKR)
+        o_NHR = torch.empty(N, H, R, dtype=q_lat_BTHR.dtype, device=dev)
+        lse_NH = torch.empty(N, H, dtype=torch.float32, device=dev)
+        q_lat_NHR, q_pe_NHP = q_lat_BTHR.reshape(N, H, R), q_pe_BTHP.reshape(N, H, P)
+        idx_NK = idx_BTK.reshape(N, K)
+        (kv_NR, per_kv), (pe_NP, per_pe) = _flat_rows(kv_BSR), _flat_rows(pe_BSP)
+        tb = _rows_for(_sparse_rows(H, K, R, P, esz, False), N, cap=256)
+        gather = _Gather(kv_NR, pe_NP, tb * K)
+        for r0 in range(0, N, tb):
+            r1 = min(N, r0 + tb)
+            p_THK, lse_NH[r0:r1], kv_TKR = _sparse_fwd_block(
+                gather, q_lat_NHR[r0:r1], q_pe_NHP[r0:r1], kv_NR, pe_NP, _trim(idx_NK[r0:r1]), scale, cdt,
+                _row_offsets(r0, r1, T, per_kv, dev), _row_offsets(r0, r1, T, per_pe, dev))
+            o_NHR[r0:r1] = torch.bmm(p_THK.to(cdt), kv_TKR)
+        lse = lse_NH.view(B, T, H)
         ctx.save_for_backward(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, lse)
-        ctx.scale, ctx.cdt, ctx.tb = scale, cdt, _rows_for(_sparse_rows(H, K, R, P, esz, True), T, cap=256)
+        ctx.scale, ctx.cdt, ctx.tb = scale, cdt, _rows_for(_sparse_rows(H, K, R, P, esz, True), N, cap=256)
         ctx.mark_non_differentiable(lse)
-        return o, lse
+        return o_NHR.view(B, T, H, R), lse
 
     @staticmethod
     def backward(ctx, do_BTHR, _dlse):
@@ -120,44 +151,48 @@ class _SparseMLA(torch.autograd.Function):
         scale, cdt, tb = ctx.scale, ctx.cdt, ctx.tb
         B, T, H, R = q_lat_BTHR.shape
         S, P, K = kv_BSR.shape[1], pe_BSP.shape[-1], idx_BTK.shape[-1]
-        dev = q_lat_BTHR.device
+        N, C, dev = B * T, R + P, q_lat_BTHR.device
         need = ctx.needs_input_grad
-        src_BSC = torch.cat((kv_BSR.to(cdt), pe_BSP.to(cdt)), dim=-1)  # [B, S, R + P], one gather per block
-        g_buf = torch.empty(tb * K, R + P, dtype=cdt, device=dev)
-        x_buf = torch.zeros(tb, 2 * H, R + P, dtype=cdt, device=dev)  # [q_lat | q_pe ; do | 0]
-        dq_BTHC = torch.zeros(B, T, H, R + P, dtype=cdt, device=dev) if (need[0] or need[1]) else None
-        dsrc = torch.zeros(B, S + 1, R + P, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
-        for b in range(B):
-            for t0 in range(0, T, tb):
-                t1 = min(T, t0 + tb)
-                n = t1 - t0
-                idx_TK = _trim(idx_BTK[b, t0:t1])
-                k = idx_TK.shape[1]
-                valid_TK = idx_TK >= 0
-                g_TKC = torch.index_select(src_BSC[b], 0, idx_TK.clamp_min(0).reshape(-1),
-                                           out=g_buf[: n * k]).view(n, k, R + P)
-                x = x_buf[:n]  # [scale q_lat | scale q_pe ; do | 0]
-                x[:, :H, :R] = _scaled(q_lat_BTHR[b, t0:t1], scale, cdt)
-                x[:, :H, R:] = _scaled(q_pe_BTHP[b, t0:t1], scale, cdt)
-                x[:, H:, :R] = do_BTHR[b, t0:t1]
-                y_T2K = torch.bmm(x, g_TKC.transpose(1, 2)).float()
-                s_THK = _mask_invalid_(y_T2K[:, :H], valid_TK)
-                p_THK = s_THK.sub_(_safe_lse(lse_BTH[b, t0:t1])[..., None]).exp_()  # recomputed from the LSE
-                dp_THK = y_T2K[:, H:]
-                delta_TH1 = (p_THK * dp_THK).sum(-1, keepdim=True)  # = do . o
-                dp_THK.sub_(delta_TH1).mul_(p_THK)  # now ds = dL/ds (of the scaled logits)
-                sp_T2K = y_T2K.to(cdt)  # [ds ; p] after the swap below
-                sp_T2K = torch.cat((sp_T2K[:, H:], sp_T2K[:, :H]), dim=1)
-                if dq_BTHC is not None:
-                    dq_BTHC[b, t0:t1] = torch.bmm(sp_T2K[:, :H], g_TKC).mul_(scale)
-                if dsrc is not None:
-                    dg_TKC = torch.bmm(sp_T2K.transpose(1, 2), x)  # ds^T scale [q_lat | q_pe] + p^T [do | 0]
-                    spill = torch.where(valid_TK, idx_TK, S).reshape(-1)
-                    dsrc[b].index_add_(0, spill, dg_TKC.reshape(-1, R + P).float())
+        src_NC = torch.cat((kv_BSR.to(cdt), pe_BSP.to(cdt)), dim=-1).view(B * S, C)  # one gather per block
+        q_lat_NHR, q_pe_NHP, do_NHR = (t.reshape(N, H, -1) for t in (q_lat_BTHR, q_pe_BTHP, do_BTHR))
+        idx_NK, lse_NH = idx_BTK.reshape(N, K), lse_BTH.reshape(N, H)
+        g_buf = torch.empty(tb * K, C, dtype=cdt, device=dev)
+        x_buf = torch.zeros(tb, 2 * H, C, dtype=cdt, device=dev)  # [q_lat | q_pe ; do | 0]
+        dq_NHC = torch.zeros(N, H, C, dtype=cdt, device=dev) if (need[0] or need[1]) else None
+        dsrc = torch.zeros(B * S + 1, C, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
+        for r0 in range(0, N, tb):
+            r1 = min(N, r0 + tb)
+            n = r1 - r0
+            idx_TK = _trim(idx_NK[r0:r1])
+            k = idx_TK.shape[1]
+            valid_TK = idx_TK >= 0
+            off = _row_offsets(r0, r1, T, S, dev)
+            rows_TK = idx_TK.clamp_min(0) if off is None else idx_TK.clamp_min(0) + off
+            g_TKC = torch.index_select(src_NC, 0, rows_TK.reshape(-1), out=g_buf[: n * k]).view(n, k, C)
+            x = x_buf[:n]  # [scale q_lat | scale q_pe ; do | 0]
+            x[:, :H, :R] = _scaled(q_lat_NHR[r0:r1], scale, cdt)
+            x[:, :H, R:] = _scaled(q_pe_NHP[r0:r1], scale, cdt)
+            x[:, H:, :R] = do_NHR[r0:r1]
+            y_T2K = torch.bmm(x, g_TKC.transpose(1, 2)).float()
+            s_THK = _mask_invalid_(y_T2K[:, :H], valid_TK)
+            p_THK = s_THK.sub_(_safe_lse(lse_NH[r0:r1])[..., None]).exp_()  # recomputed from the LSE
+            dp_THK = y_T2K[:, H:]
+            delta_TH1 = (p_THK * dp_THK).sum(-1, keepdim=True)  # = do . o
+            dp_THK.sub_(delta_TH1).mul_(p_THK)  # now ds = dL/ds (of the scaled logits)
+            sp_T2K = y_T2K.to(cdt)  # [ds ; p] after the swap below
+            sp_T2K = torch.cat((sp_T2K[:, H:], sp_T2K[:, :H]), dim=1)
+            if dq_NHC is not None:
+                dq_NHC[r0:r1] = torch.bmm(sp_T2K[:, :H], g_TKC).mul_(scale)
+            if dsrc is not None:
+                dg_TKC = torch.bmm(sp_T2K.transpose(1, 2), x)  # ds^T scale [q_lat | q_pe] + p^T [do | 0]
+                spill = torch.where(valid_TK, rows_TK, B * S).reshape(-1)
+                dsrc.index_add_(0, spill, dg_TKC.reshape(-1, C).float())
+        dq_BTHC = None if dq_NHC is None else dq_NHC.view(B, T, H, C)
+        dsrc_BSC = None if dsrc is None else dsrc[: B * S].view(B, S, C)
         dq_lat = dq_BTHC[..., :R].to(q_lat_BTHR.dtype) if need[0] else None
         dq_pe = dq_BTHC[..., R:].to(q_pe_BTHP.dtype) if need[1] else None
-        dkv = dsrc[:, :S, :R].to(kv_BSR.dtype) if need[2] else None
-        dpe = dsrc[:, :S, R:].to(pe_BSP.dtype) if need[3] else None
+        dkv = dsrc_BSC[..., :R].to(kv_BSR.dtype) if need[2] else None
+        dpe = dsrc_BSC[..., R:].to(pe_BSP.dtype) if need[3] else None
         return dq_lat, dq_pe, dkv, dpe, None, None
 
 
