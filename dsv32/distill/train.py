@@ -3,6 +3,7 @@
     dsv32 distill train --init-from runs/p/sft/final --data math.jsonl --data tool.jsonl --out runs/gen
     dsv32 distill train --init-from DIR --data all.jsonl --out DIR --on-policy-steps 20 \\
         --teacher math=runs/p/specialist-math/final --teacher tool=runs/p/specialist-tool/final
+    torchrun --nproc-per-node 2 -m dsv32 distill train --init-from DIR --data all.jsonl --out DIR   # data-parallel
 
 1. Sequence-level distillation: SFT on the union of the specialists' records, both modes, loss masks from the
    chat template (`dsv32.train.sft`: the records' `mode` picks the thinking or non-thinking opener).
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..data.tokenizer import ByteTokenizer
 from ..train import sft
 from ..train.metrics import Metrics
@@ -52,8 +54,12 @@ def distill_sft(model, paths: list, cfg: TrainConfig, *, epochs: float | None = 
     optimizer steps or `epochs` passes over the records, whichever is fewer (the schedule follows)."""
     examples = sft_examples(paths)
     data = sft.SFTData(examples, cfg.seq_len, cfg.seed)
+    world = distributed.current().world_size
     if cfg.batch_size > len(data):  # few verified records (a small run): every row in every batch
-        cfg = dataclasses.replace(cfg, batch_size=len(data))
+        if len(data) < world:
+            raise ValueError(f"distill: {len(data)} packed rows cannot feed {world} processes; add records or "
+                             "run on fewer processes")
+        cfg = dataclasses.replace(cfg, batch_size=len(data) // world * world)  # ranks share it evenly
     if epochs is not None:
         steps = max(1, min(cfg.steps, math.ceil(epochs * len(data) / cfg.batch_size)))
         cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
@@ -112,7 +118,11 @@ def teacher_logprobs(teachers: dict, samples: list, batch: dict) -> torch.Tensor
 
 def on_policy_distill(student, teachers: dict, cfg: OnPolicyConfig, metrics: Metrics | None = None,
                       tokenizer=None, log=print) -> dict:
-    """Student rollouts scored by the domain's teacher, trained on the per-token reverse-KL advantage."""
+    """Student rollouts scored by the domain's teacher, trained on the per-token reverse-KL advantage.
+
+    Under torchrun (student `distributed.parallelize`d) each rank samples its share of every step's prompts
+    with an unsharded replica of the student (refreshed after each update), and the loss is normalised by
+    the global token count so the averaged gradient is one process's on all the prompts."""
     from ..model.moe import MoE
     from ..rl import tasks as T
     from ..rl.rollout import collate, rollout
@@ -126,7 +136,17 @@ def on_policy_distill(student, teachers: dict, cfg: OnPolicyConfig, metrics: Met
     pool = [t for d in domains for t in T.make_tasks(d, cfg.n_prompts, split="train", seed=cfg.seed,
                                                      difficulty=cfg.difficulty, allow_fewer=True)]
     random.Random(cfg.seed).shuffle(pool)
-    engine = Engine(student, max_batch=cfg.prompts_per_step, eos_id=tok.eos_id, decode=tok.decode,
+    ctx = distributed.current()
+    if cfg.prompts_per_step % ctx.world_size:
+        raise ValueError(f"on-policy distillation: prompts_per_step={cfg.prompts_per_step} is not a multiple of the "
+                         f"{ctx.world_size} processes; each rank samples an equal share")
+    sampler = student
+    if distributed.is_sharded(student):  # the engine runs a plain local copy: no collective while sampling
+        from ..model import Transformer
+
+        sampler = Transformer(student.cfg).to(next(student.parameters()).device)
+        distributed.copy_weights(student, sampler)
+    engine = Engine(sampler, max_batch=cfg.prompts_per_step, eos_id=tok.eos_id, decode=tok.decode,
                     vocab_limit=min(tok.vocab_size, student.cfg.vocab_size))
     moe = any(isinstance(layer.ffn, MoE) for layer in student.layers)
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, return_routes=moe)
@@ -137,6 +157,8 @@ def on_policy_distill(student, teachers: dict, cfg: OnPolicyConfig, metrics: Met
     for step in range(1, cfg.steps + 1):
         tasks = [pool[(cursor + i) % len(pool)] for i in range(cfg.prompts_per_step)]
         cursor += cfg.prompts_per_step
+        share = cfg.prompts_per_step // ctx.world_size
+        tasks = tasks[ctx.rank * share:(ctx.rank + 1) * share]  # this rank's prompts
         mode = cfg.modes[(step - 1) % len(cfg.modes)]
         student.eval()
         samples = rollout(engine, tok, tasks, group_size=1, params=params, thinking=mode == "thinking",
@@ -148,12 +170,16 @@ def on_policy_distill(student, teachers: dict, cfg: OnPolicyConfig, metrics: Met
         mask_BT = batch["mask"]
         adv_BT = reverse_kl_advantages(lp_BT, teacher_BT, mask_BT, cfg.kl_coef)
         n_tok = mask_BT.sum().clamp(min=1)
-        loss = -(adv_BT * lp_BT * mask_BT).sum() / n_tok
+        # Ranks average their gradients: scaling by W / global tokens makes that the global token mean.
+        n_global = max(ctx.sum(float(mask_BT.sum())), 1.0)
+        loss = -(adv_BT * lp_BT * mask_BT).sum() * (ctx.world_size / n_global)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0).item()
-        if math.isfinite(grad_norm) and math.isfinite(loss.item()):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0))
+        if not ctx.any(not (math.isfinite(grad_norm) and math.isfinite(loss.item()))):
             opt.step()
+        if sampler is not student:
+            distributed.copy_weights(student, sampler)
         kl_B = ((lp_BT.detach() - teacher_BT) * mask_BT).sum(1) / mask_BT.sum(1).clamp(min=1)
         logs = {"loss": loss.item(), "reverse_kl": ((lp_BT.detach() - teacher_BT) * mask_BT).sum().item() / n_tok.item(),
                 "grad_norm": grad_norm, "mode_thinking": float(mode == "thinking"),
@@ -161,6 +187,7 @@ def on_policy_distill(student, teachers: dict, cfg: OnPolicyConfig, metrics: Met
         for d in {s.task.domain for s in samples}:
             rows = [i for i, s in enumerate(samples) if s.task.domain == d]
             logs[f"teacher_kl/{d}"] = kl_B[rows].mean().item()
+        logs = distributed.mean_logs(logs)  # over ranks (each key over the ranks that have it)
         history.append(logs)
         if metrics is not None:
             metrics.log(step, logs)
@@ -189,7 +216,13 @@ def parse_teachers(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    """`dsv32 distill train`: SFT on the records, then optional on-policy distillation; writes OUT/final/."""
+    """`dsv32 distill train`: SFT on the records, then optional on-policy distillation; writes OUT/final/.
+    Under `torchrun --nproc-per-node N -m dsv32 distill train ...`: data-parallel (FSDP2, DCP checkpoints)."""
+    with distributed.session():  # under torchrun: join the process group for this command
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     from ..train.stages import build_model
 
     d = sft.RECIPES["tiny"]
@@ -216,20 +249,24 @@ def main(argv: list[str]) -> int:
     if args.on_policy_steps and not teachers:
         raise ValueError("--on-policy-steps needs teachers: --teacher math=DIR (one per domain)")
     torch.manual_seed(args.seed)
-    model = build_model(init_from=args.init_from)
+    ctx = distributed.current()
+    model = distributed.parallelize(build_model(init_from=args.init_from), ctx)
     out = Path(args.out)
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                       warmup_steps=min(args.warmup_steps, args.steps), out_dir=str(out / "sft"))
     s = distill_sft(model, args.data, cfg, epochs=args.epochs, resume=not args.no_resume)
-    print(f"distill train: SFT on {s['examples']} records ({s['modes']['thinking']} thinking, "
-          f"{s['modes']['non_thinking']} non-thinking), {s['steps']} steps, final loss {s['final_loss']:.4f}", flush=True)
+    ctx.print(f"distill train: SFT on {s['examples']} records ({s['modes']['thinking']} thinking, "
+              f"{s['modes']['non_thinking']} non-thinking), {s['steps']} steps, final loss {s['final_loss']:.4f}")
     if args.on_policy_steps:
-        tmodels = {dom: build_model(init_from=path) for dom, path in teachers.items()}
+        tmodels = {dom: build_model(init_from=path).to(ctx.device) for dom, path in teachers.items()}
         ocfg = OnPolicyConfig(steps=args.on_policy_steps, lr=args.on_policy_lr, seed=args.seed)
-        with Metrics(out / "on_policy") as m:
+        m = Metrics(out / "on_policy") if ctx.is_main else distributed.NullMetrics()
+        try:
             o = on_policy_distill(model, tmodels, ocfg, metrics=m)
-        print(f"distill train: on-policy reverse KL {o['reverse_kl_first']:.4f} -> {o['reverse_kl_last']:.4f} "
-              f"in {o['steps']} steps", flush=True)
-    model.save_pretrained(out / "final")
-    print(f"distill train: model in {out / 'final'}", flush=True)
+        finally:
+            m.close()
+        ctx.print(f"distill train: on-policy reverse KL {o['reverse_kl_first']:.4f} -> {o['reverse_kl_last']:.4f} "
+                  f"in {o['steps']} steps")
+    distributed.export_hf(model, out / "final")  # consolidated on rank 0 when sharded
+    ctx.print(f"distill train: model in {out / 'final'}")
     return 0

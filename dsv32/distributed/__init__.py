@@ -9,8 +9,8 @@ through `checkpoint.py`. Trainers consult `current()` (rank, world size, device,
 
 from . import checkpoint
 from .checkpoint import copy_weights, export_hf, full_state_dict, load_dcp, restore, save_dcp
-from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, check_ready, current, init, is_sharded,
-                       parallelize, session, shutdown)
+from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, check_ready, current, global_token_mean, init,
+                       is_sharded, mean_logs, parallelize, session, shutdown)
 
 
 class NullMetrics:
@@ -22,7 +22,13 @@ class NullMetrics:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> "NullMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
 
 __all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "bf16_policy", "check_ready", "checkpoint",
-           "copy_weights", "current", "export_hf", "full_state_dict", "init", "is_sharded", "load_dcp", "parallelize",
-           "restore", "save_dcp", "session", "shutdown"]
+           "copy_weights", "current", "export_hf", "full_state_dict", "global_token_mean", "init", "is_sharded",
+           "load_dcp", "mean_logs", "parallelize", "restore", "save_dcp", "session", "shutdown"]

@@ -228,12 +228,18 @@ def _load_dcp_folder(path: Path) -> train_checkpoint.Checkpoint:
     return train_checkpoint.Checkpoint(path, step, trainer.get("data"), trainer.get("config", {}), None, rng)
 
 
+def load(path) -> train_checkpoint.Checkpoint:
+    """One checkpoint folder of either format (`optimizer` is None for DCP: `restore` reads it)."""
+    path = Path(path)
+    return _load_dcp_folder(path) if is_dcp(path) else train_checkpoint.load(path)
+
+
 def load_latest(out_dir) -> train_checkpoint.Checkpoint | None:
     """The newest complete checkpoint of either format (`optimizer` is None for DCP: `restore` reads it)."""
     found = train_checkpoint.list_checkpoints(out_dir)
     if not found:
         return None
-    return _load_dcp_folder(found[-1]) if is_dcp(found[-1]) else train_checkpoint.load(found[-1])
+    return load(found[-1])
 
 
 def load_model(path, dtype: torch.dtype | None = torch.float32, **overrides):

@@ -72,6 +72,22 @@ class DistContext:
         dist.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
+    def sum(self, value: float) -> float:
+        """The sum of a number over ranks (one all-reduce); the number itself in one process."""
+        if not self.enabled:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def gather(self, obj) -> list:
+        """Every rank's picklable `obj`, in rank order (one all-gather); `[obj]` in one process."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any: a stop decided on one rank stops them all together."""
         if not self.enabled:
@@ -91,6 +107,24 @@ class DistContext:
 
 
 _current = DistContext()
+
+
+def mean_logs(values: dict[str, float], ctx: DistContext | None = None) -> dict[str, float]:
+    """Logged scalars combined over ranks whose keys may differ (a domain sampled on one rank only): each key
+    averaged over the ranks that report it; keys naming a max or min take the max or min; counts (`num_*`)
+    and throughputs (`*_per_s`) are summed. The same dict on every rank; `values` itself in one process."""
+    ctx = ctx or _current
+    if not ctx.enabled:
+        return values
+    per_rank = ctx.gather({k: float(v) for k, v in values.items()})
+    out = {}
+    for key in sorted(set().union(*per_rank)):
+        vals = [r[key] for r in per_rank if key in r]
+        if key.startswith("num_") or key.endswith("_per_s"):
+            out[key] = sum(vals)
+        else:
+            out[key] = max(vals) if "max" in key else min(vals) if "min" in key else sum(vals) / len(vals)
+    return out
 
 
 def current() -> DistContext:
@@ -149,6 +183,29 @@ def session(backend: str | None = None):
     finally:
         if created:
             shutdown()
+
+
+def global_token_mean(loss_fn, ignore_index: int = -100):
+    """Wrap a loss that is a mean over this rank's target tokens (`labels != ignore_index`) so that the
+    ranks' average (what FSDP's gradient reduction computes) is the mean over the global batch's tokens.
+
+    Each rank's mean is scaled by n_rank · W / n_global. Without it, ranks whose rows hold fewer target
+    tokens (SFT: conversations of different lengths) would weigh as much as the others, and W ranks
+    would not equal one process on the whole batch. The logged loss is scaled too, so its mean over
+    ranks is the global token mean. A no-op in one process.
+    """
+
+    def wrapped(model, batch: dict):
+        out = loss_fn(model, batch)
+        ctx = current()
+        if not ctx.enabled:
+            return out
+        loss, extras = (out[0], out[1]) if isinstance(out, tuple) else (out, {})
+        n_rank = float((batch["labels"] != ignore_index).sum())
+        n_global = ctx.sum(n_rank)
+        return loss * (n_rank * ctx.world_size / max(n_global, 1.0)), extras
+
+    return wrapped
 
 
 def bf16_policy():

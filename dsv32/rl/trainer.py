@@ -33,6 +33,7 @@ from ..data.tokenizer import ByteTokenizer
 from ..model.moe import MoE
 from ..serve.engine import Engine
 from ..serve.sampling import SamplingParams, logprobs_over_kept
+from .. import distributed
 from ..train import checkpoint
 from ..train.metrics import Metrics
 from ..train.optim import ParamGroup, TrainConfig, build_optimizer, clip_grads
@@ -81,9 +82,7 @@ class GRPOTrainer:
         self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                        max_tokens=cfg.max_tokens, logprobs=True,
                                        return_kept=cfg.top_p < 1 or cfg.top_k > 0, return_routes=moe)
-        tcfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, out_dir=str(self.out))
-        # The indexer learns only from its own KL (DSA stage 2), never from the policy loss: frozen here.
-        self.optimizer = build_optimizer(model, tcfg, [ParamGroup("main", lambda n: ".indexer." not in n)])
+        self.optimizer = self._build_optimizer()
         needs_ref = cfg.loss.beta > 0 or any(b > 0 for b in cfg.beta_by_domain.values())
         self.ref = copy.deepcopy(model).requires_grad_(False) if needs_ref else None
         self.pool = self._pool()
@@ -94,6 +93,26 @@ class GRPOTrainer:
         if cfg.guard is not None:
             self.guard = DivergenceGuard(cfg.guard, self._guard_sets(), lambda name, items: self.accuracy(items),
                                          save=self._save_good, restore=self._restore_good, log=self.metrics.log)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        tcfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, out_dir=str(self.out))
+        # The indexer learns only from its own KL (DSA stage 2), never from the policy loss: frozen here.
+        return build_optimizer(self.model, tcfg, [ParamGroup("main", lambda n: ".indexer." not in n)])
+
+    # ------------------------------------------------------------------ data-parallel hooks (rl/distributed.py)
+    def _share(self, tasks: list, modes: list) -> tuple[list, list]:
+        """The prompt groups this process samples (all of them in one process)."""
+        return tasks, modes
+
+    def _minibatches(self, order: list[int], samples) -> list[list[int]]:
+        """The rollout's kept samples (shuffled) in `minibatches` non-empty slices, one optimizer step each."""
+        m = self.cfg.minibatches
+        return [c for c in (order[i::m] for i in range(m)) if c]
+
+    def _loss_scale(self, j: int) -> float:
+        """Weight of minibatch j's loss (its share of the global loss when ranks split the rollout)."""
+        return 1.0
 
     # ------------------------------------------------------------------ tasks
     def _pool(self) -> list[T.Task]:
@@ -159,12 +178,11 @@ class GRPOTrainer:
                 "guard": self.guard.state_dict() if self.guard is not None else None}
 
     def save(self) -> None:
-        checkpoint.save(self.out / "ckpt", self.step, self.model, self.optimizer, self._state(),
-                        checkpoint.rng_state(), self.cfg.to_dict(), keep=2)
+        distributed.checkpoint.save(self.out / "ckpt", self.step, self.model, self.optimizer, self._state(),
+                                    checkpoint.rng_state(), self.cfg.to_dict(), keep=2)
 
     def _load(self, ck: checkpoint.Checkpoint, guard_too: bool) -> None:
-        ck.load_model(self.model)
-        self.optimizer.load_state_dict(ck.optimizer)
+        distributed.restore(ck, self.model, self.optimizer)   # either checkpoint format, sharded or not
         checkpoint.set_rng_state(ck.rng)
         self.cursor, self.step = int(ck.data["cursor"]), ck.step
         self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=ck.data.get("entropy_coef", 0.0))
@@ -174,10 +192,10 @@ class GRPOTrainer:
                 self.guard.load_state_dict(ck.data["guard"])
         ref_dir = self.out / "ref"
         if self.ref is not None and guard_too and (ref_dir / "config.json").is_file():
-            self.ref.load_state_dict(type(self.model).from_pretrained(ref_dir).state_dict())
+            self.ref.load_state_dict(type(self.ref).from_pretrained(ref_dir).state_dict())
 
     def resume(self) -> bool:
-        ck = checkpoint.load_latest(self.out / "ckpt")
+        ck = distributed.checkpoint.load_latest(self.out / "ckpt")
         if ck is None:
             return False
         self._load(ck, guard_too=True)
@@ -186,20 +204,24 @@ class GRPOTrainer:
 
     def _save_good(self, step: int) -> None:
         good = self.out / "good"
-        checkpoint.save(good, step, self.model, self.optimizer, self._state(), checkpoint.rng_state(),
-                        self.cfg.to_dict(), keep=0)
+        distributed.checkpoint.save(good, step, self.model, self.optimizer, self._state(), checkpoint.rng_state(),
+                                    self.cfg.to_dict(), keep=0)
         keep = self.guard.protected_steps() | {step}
-        for path in checkpoint.list_checkpoints(good):
+        ctx = distributed.current()
+        for path in checkpoint.list_checkpoints(good) if ctx.is_main else []:
             if int(path.name.split("_")[1]) not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+        ctx.barrier()
 
     def _restore_good(self, step: int) -> None:
         """Rollback: weights, optimizer, RNG and task cursor of a good checkpoint (the guard keeps its own ledger);
         later resume checkpoints are dropped so a restart cannot resume past the rollback."""
-        self._load(checkpoint.load(self.out / "good" / f"step_{step:08d}"), guard_too=False)
-        for path in checkpoint.list_checkpoints(self.out / "ckpt"):
+        self._load(distributed.checkpoint.load(self.out / "good" / f"step_{step:08d}"), guard_too=False)
+        ctx = distributed.current()
+        for path in checkpoint.list_checkpoints(self.out / "ckpt") if ctx.is_main else []:
             if int(path.name.split("_")[1]) > step:
                 shutil.rmtree(path, ignore_errors=True)
+        ctx.barrier()
 
     # ------------------------------------------------------------------ one GRPO step
     def _score(self, samples) -> None:
@@ -219,6 +241,7 @@ class GRPOTrainer:
         tasks = self._next_tasks()
         has_tools = any(t.meta.get("tools") for t in tasks)
         modes = [cfg.modes[(first + i) % len(cfg.modes)] for i in range(len(tasks))]   # "both": alternate
+        tasks, modes = self._share(tasks, modes)
         samples = rollout(self.engine, self.tok, tasks, group_size=cfg.group_size, params=self.sampling,
                           thinking=modes, max_turns=cfg.max_turns if has_tools else 1)
         t_roll = time.time() - t0
@@ -245,7 +268,7 @@ class GRPOTrainer:
         # filter, without refill). The rest are shuffled into `minibatches` slices, one optimizer step each,
         # for `epochs` passes (TRL's num_iterations; the clip keeps later passes near π_old).
         order = [keep[i] for i in torch.randperm(len(keep)).tolist()]
-        chunks = [c for c in (order[i::cfg.minibatches] for i in range(cfg.minibatches)) if c]
+        chunks = self._minibatches(order, samples)
         batches = [collate([samples[i] for i in c], self.model.cfg.vocab_size, self.device, cfg.temperature)
                    for c in chunks]
         with torch.no_grad():   # π_old for every slice after the first: the policy before this rollout's updates
@@ -269,7 +292,7 @@ class GRPOTrainer:
             loss, m = grpo_loss(lp, old, adv[chunk].to(self.device), batch["mask"],
                                 self.loss_cfg, sampler_logps_BT=batch["sampler_logps"], ref_logps_BT=ref, beta_B=beta_B,
                                 entropy_BT=ent)
-            loss.backward()
+            (loss * self._loss_scale(j)).backward()
             m["grad_norm"] = clip_grads(self.optimizer)["main"]
             if math.isfinite(m["grad_norm"]) and math.isfinite(m["loss"]):
                 self.optimizer.step()
@@ -277,17 +300,19 @@ class GRPOTrainer:
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + v / len(updates)
             if cfg.entropy_target > 0:
-                coef = adaptive_entropy_coef(self.loss_cfg.entropy_coef, m["entropy"], cfg.entropy_target)
+                entropy = distributed.current().mean({"entropy": m["entropy"]})["entropy"]   # the same on all ranks
+                coef = adaptive_entropy_coef(self.loss_cfg.entropy_coef, entropy, cfg.entropy_target)
                 self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=coef)
                 agg["entropy_coef"] = coef
         self.step += 1
         if cfg.ref_refresh and self.ref is not None and self.step % cfg.ref_refresh == 0:
-            self.ref.load_state_dict(self.model.state_dict())
-            tmp = self.out / ".ref-tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.ref.save_pretrained(tmp)
-            shutil.rmtree(self.out / "ref", ignore_errors=True)
-            tmp.rename(self.out / "ref")
+            distributed.copy_weights(self.model, self.ref)   # from the policy, sharded or not
+            if distributed.current().is_main:   # one writer
+                tmp = self.out / ".ref-tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.ref.save_pretrained(tmp)
+                shutil.rmtree(self.out / "ref", ignore_errors=True)
+                tmp.rename(self.out / "ref")
         n_tok = sum(lengths)
         logs.update(agg)
         logs.update({"lr": self._lr(), "step_time": time.time() - t0, "rollout_time": t_roll,
@@ -309,7 +334,7 @@ class GRPOTrainer:
             self.guard.start(self.step)
         bar = _progress(cfg.steps, self.step) if progress else None
         while self.step < cfg.steps and self.stopped != "guard":   # a guard stop is final, also on a rerun
-            if cfg.minutes and time.time() - t_start > 60 * cfg.minutes:
+            if cfg.minutes and distributed.current().any(time.time() - t_start > 60 * cfg.minutes):
                 self.stopped = "time budget"
                 break
             logs = self.train_step()
@@ -319,7 +344,7 @@ class GRPOTrainer:
                 bar.set_postfix(reward=f"{logs.get('reward/mean', float('nan')):.3f}")
             if self.guard is not None:
                 d = self.guard.observe(self.step, logs)
-                if d.stop:
+                if distributed.current().any(d.stop):   # ranks stop together
                     self.stopped = "guard"
                     break
             if self.step % cfg.ckpt_every == 0:
@@ -329,7 +354,7 @@ class GRPOTrainer:
         self.save()
         after = self.evaluate_heldout()
         self.metrics.log(self.step, {"eval_after/accuracy": after["accuracy"]})
-        self.model.save_pretrained(self.out / "final")
+        distributed.export_hf(self.model, self.out / "final")   # consolidated on rank 0 when sharded
         summary = {"name": cfg.name, "before": self.before["accuracy"], "after": after["accuracy"],
                    "before_detail": self.before, "after_detail": after, "steps": self.step, "stopped": self.stopped,
                    "seconds": time.time() - t_start}
@@ -369,7 +394,14 @@ def parse_rl_overrides(rest: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    """`dsv32 rl`; under `torchrun --nproc-per-node N -m dsv32 rl ...` data-parallel (`dsv32.rl.distributed`)."""
+    with distributed.session():  # under torchrun: join the process group for this command
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     from ..train.stages import build_model
+    from .distributed import DistributedGRPOTrainer
 
     p = argparse.ArgumentParser(prog="dsv32 rl", description="GRPO with V3.2's stability fixes and the guard")
     p.add_argument("--preset", default="tiny-math", help="tiny-math, tiny-tool, tiny-hack, ... (dsv32/rl/presets.py)")
@@ -394,12 +426,15 @@ def main(argv: list[str]) -> int:
     if model.cfg.vocab_size < tok.vocab_size:
         raise ValueError(f"--init-from: the model's vocab_size {model.cfg.vocab_size} is smaller than the byte "
                          f"tokenizer's {tok.vocab_size}; RL needs a model trained on dsv32's chat format")
-    out = Path(args.out)
-    print(f"rl {cfg.name}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, {cfg.minibatches} "
-          f"minibatches, {cfg.steps} steps, domains {cfg.domains}, thinking={cfg.thinking}", flush=True)
-    with Metrics(out) as metrics:
-        trainer = GRPOTrainer(model, cfg, out, tok, metrics)
+    out, ctx = Path(args.out), distributed.current()
+    ctx.print(f"rl {cfg.name}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, {cfg.minibatches} "
+              f"minibatches, {cfg.steps} steps, domains {cfg.domains}, thinking={cfg.thinking}"
+              + (f", {ctx.world_size} ranks" if ctx.enabled else ""))
+    with Metrics(out) if ctx.is_main else distributed.NullMetrics() as metrics:
+        trainer = (DistributedGRPOTrainer if ctx.enabled else GRPOTrainer)(model, cfg, out, tok, metrics)
         summary = trainer.train(resume=not args.no_resume)
+    if not ctx.is_main:
+        return 0
     report_path = Path(args.report) if args.report else out / "report.json"
     rl_report.write(report_path, summary, metrics_file=out / "metrics.jsonl", guard_demo=cfg.guard_demo)
     g = summary.get("guard")

@@ -8,6 +8,8 @@ tool calls, EOS), with the masks of `dsv32.data.chat.encode_for_training`, in bo
 
     summary = sft.run_recipe(model, sft.RECIPES["tiny"], "runs/sft")   # the same from Python (the pipeline)
 
+    torchrun --nproc-per-node 2 -m dsv32 sft --init-from DIR --out runs/sft2   # data-parallel, FSDP2, DCP checkpoints
+
 Conversations come from generated tasks (`dsv32.rl.tasks.task_messages`) or from JSONL records
 `{messages, reasoning_content, mode, domain, source_model, verifier_scores}`. They are packed whole into rows
 with `doc_ids` (attention stays inside each conversation) and run through the shared loop (`loop.train`:
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..data.loaders import IGNORE
 from ..data.tokenizer import ByteTokenizer
 from ..model import Trace
@@ -276,8 +279,16 @@ def groups_for(model) -> list[ParamGroup]:
 
 
 def run_sft(model, data: SFTData, cfg: TrainConfig, resume: bool = True, metrics=None) -> dict:
-    """SFT through the shared loop; the model keeps its attention mode (sparse checkpoints train sparse)."""
-    return train(model, data.stream(cfg.batch_size), cfg, loss_fn=make_loss(data.domains), groups=groups_for(model),
+    """SFT through the shared loop; the model keeps its attention mode (sparse checkpoints train sparse).
+
+    Under torchrun (model `distributed.parallelize`d) each rank trains on its rows of every global batch, the
+    loss weighted by target tokens so that the ranks together take one process's step on the whole batch."""
+    world = distributed.current().world_size
+    if cfg.batch_size % world:
+        raise ValueError(f"sft: batch size {cfg.batch_size} (the global batch) is not a multiple of the {world} "
+                         f"processes; pass --batch-size as a multiple of {world}")
+    loss_fn = distributed.global_token_mean(make_loss(data.domains), ignore_index=IGNORE)
+    return train(model, data.stream(cfg.batch_size), cfg, loss_fn=loss_fn, groups=groups_for(model),
                  metrics=metrics, resume=resume)
 
 
@@ -343,15 +354,21 @@ def run_recipe(model, recipe: Recipe, out_dir, data_files=(), resume: bool = Tru
     cfg = TrainConfig(lr=recipe.lr, steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
                       seed=recipe.seed, warmup_steps=min(recipe.warmup_steps, recipe.steps), log_every=log_every,
                       ckpt_every=ckpt_every, out_dir=str(out_dir))
-    print(f"sft: {len(examples)} conversations in {len(data)} rows of {recipe.seq_len + 1} tokens "
-          f"({data.target_tokens} target tokens), {model.cfg.attn_mode} attention", flush=True)
+    distributed.current().print(f"sft: {len(examples)} conversations in {len(data)} rows of {recipe.seq_len + 1} "
+                                f"tokens ({data.target_tokens} target tokens), {model.cfg.attn_mode} attention")
     summary = run_sft(model, data, cfg, resume=resume)
-    model.save_pretrained(Path(out_dir) / "final")
+    distributed.export_hf(model, Path(out_dir) / "final")  # consolidated on rank 0 when sharded
     return {**summary, "examples": len(examples)}
 
 
 def main(argv: list[str]) -> int:
-    """`dsv32 sft`: the recipe with the flags applied, from --init-from (or a fresh --preset model)."""
+    """`dsv32 sft`: the recipe with the flags applied, from --init-from (or a fresh --preset model); under
+    `torchrun --nproc-per-node N -m dsv32 sft ...` data-parallel with FSDP2 (--batch-size is the global batch)."""
+    with distributed.session():  # under torchrun: join the process group for this command
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     from .stages import build_model, parse_overrides
 
     args, rest = make_parser().parse_known_args(argv)
@@ -368,9 +385,9 @@ def main(argv: list[str]) -> int:
     recipe = replace(recipe, **changes)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    model = build_model(args.preset, args.init_from, overrides)
+    model = distributed.parallelize(build_model(args.preset, args.init_from, overrides))
     summary = run_recipe(model, recipe, args.out, args.data, resume=not args.no_resume, log_every=args.log_every,
                          ckpt_every=args.ckpt_every)
-    print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in "
-          f"{Path(args.out) / 'final'}", flush=True)
+    distributed.current().print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in "
+                                f"{Path(args.out) / 'final'}")
     return 0
