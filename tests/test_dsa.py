@@ -51,6 +51,23 @@ def test_topk_below_T_changes_logits():
     assert (sparse[:, 8:] - dense[:, 8:]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000])
+def test_inference_prefill_in_query_chunks_equals_one_call(monkeypatch, chunk_bytes):
+    """Without autograd the sparse path runs in chunks of queries (one query, a few queries per chunk):
+    the logits equal the one-call path (taken with a trace) on packed documents."""
+    import dsv32.model.attention as attention
+    model = _model().set_attn_mode("sparse")
+    x = _tokens(2, 40)
+    doc_ids = torch.cat([torch.zeros(2, 25, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        tr = Trace()
+        whole = model(x, doc_ids=doc_ids, trace=tr)
+        monkeypatch.setattr(attention, "_INFERENCE_CHUNK_BYTES", chunk_bytes)
+        chunked = model(x, doc_ids=doc_ids)
+    assert all(t is not None for t in tr.topk)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_path_with_k_covering_all_but_last_row_matches_dense():
     """topk = T-1: the sparse (gathered) path runs, every row but the last keeps all its keys, so rows
     0..T-2 match dense attention (a different code path: SDPA) to float error, and the last row differs."""

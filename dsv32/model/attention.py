@@ -30,6 +30,9 @@ from .config import ModelConfig
 from .indexer import Indexer
 
 
+_INFERENCE_CHUNK_BYTES = 64 << 20  # sparse prefill without autograd: top-k and latents of one query chunk
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -98,10 +101,15 @@ class MLA(nn.Module):
         if ctx.sparse and ctx.max_visible > self.topk:
             ops = kernels.get(x_BTd.device.type)
             iq_BTHD, iw_BTH = self.indexer.queries(x_ix, qr_ix, ctx.cos, ctx.sin)
-            with torch.no_grad():
-                idx_BTK = ops.indexer_topk(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke, self.topk)
-            q_lat_BTHR = self._absorb_q(q_nope_BTHN)
-            o_BTHV = self._absorb_out(ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale))
+            if torch.is_grad_enabled() or topk_out is not None or kl_out is not None:
+                with torch.no_grad():
+                    idx_BTK = ops.indexer_topk(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke, self.topk)
+                q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+                o_BTHV = self._absorb_out(ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK,
+                                                         self.softmax_scale))
+            else:
+                o_BTHV = self._sparse_inference(ops, iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_pe_BTHP,
+                                                kv_BSR, pe_BSP, ctx)
         elif ctx.start == 0:
             o_BTHV = self._mha(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx)
         else:
@@ -165,6 +173,24 @@ class MLA(nn.Module):
             mask = ref.valid_mask(ctx.ks, ctx.ke, S)[:, None]
             o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSV, attn_mask=mask, scale=self.softmax_scale)
         return o[..., :V].transpose(1, 2)
+
+    def _sparse_inference(self, ops, iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP,
+                          ctx: AttnContext) -> torch.Tensor:
+        """Sparse attention without autograd, in chunks of queries: only a chunk's top-k [B, t, K], latent
+        queries and outputs [B, t, H, R] exist at a time (at 32K tokens of the `small` preset the whole
+        prompt's would be ~1 GB). Each query's result does not depend on the chunking."""
+        B, T, H, _ = q_nope_BTHN.shape
+        per_query = B * (2 * H * self.kv_rank * kv_BSR.element_size() + self.topk * 8)
+        rows = max(1, _INFERENCE_CHUNK_BYTES // per_query)
+        o_BTHV = q_nope_BTHN.new_empty(B, T, H, self.v_dim)
+        for t0 in range(0, T, rows):
+            t = slice(t0, t0 + rows)
+            idx_BtK = ops.indexer_topk(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS, ctx.ks[:, t], ctx.ke[:, t],
+                                       self.topk)
+            o_lat_BtHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN[:, t]), q_pe_BTHP[:, t], kv_BSR, pe_BSP, idx_BtK,
+                                        self.softmax_scale)
+            o_BTHV[:, t] = self._absorb_out(o_lat_BtHR)
+        return o_BTHV
 
     def _absorbed_dense(self, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx: AttnContext) -> torch.Tensor:
         """Dense attention over the latent cache (decode, chunked prefill): `kernels.reference.mla_masked`
