@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .distill.generate import write_json
+from .io import atomic_write, pyplot, save_figure, write_json
 
 STAGE_OF_MODEL = {"base": "sft", "distilled": "distill", "generalist": "mixed-rl", "speciale": "speciale"}
 
@@ -102,11 +102,7 @@ def build(out, state: dict, models: dict) -> Path:
     plot_timeline(out, timeline)
     plot_accuracy(out, acc, domains)
     plot_lengths(out, details, domains)
-    md = out / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(markdown(out, report, domains))
-    tmp.replace(md)
-    return md
+    return atomic_write(out / "report.md", markdown(out, report, domains))
 
 
 # -- Markdown ------------------------------------------------------------------------------------------------
@@ -163,36 +159,15 @@ def markdown(out: Path, r: dict, domains) -> str:
 # -- plots ------------------------------------------------------------------------------------------------
 
 
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def plot_timeline(out: Path, timeline: dict) -> None:
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return
     stages = [s for s in timeline if s != "total"]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(stages) + 1.2))
     ax.barh(stages[::-1], [timeline[s] / 60 for s in stages[::-1]], color="tab:blue")
     ax.set(xlabel="minutes", title=f"Pipeline timeline: {timeline['total'] / 60:.1f} min in all")
-    _save(fig, out / "timeline.png")
+    save_figure(fig, out / "timeline.png", dpi=100)
 
 
 def _grouped(ax, models, domains, value, label):
@@ -205,7 +180,7 @@ def _grouped(ax, models, domains, value, label):
 
 
 def plot_accuracy(out: Path, acc: dict, domains) -> None:
-    plt = _plt()
+    plt = pyplot()
     if plt is None or not acc:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
@@ -213,11 +188,11 @@ def plot_accuracy(out: Path, acc: dict, domains) -> None:
         _grouped(ax, list(acc), domains, lambda m, d: acc[m].get(d, {}).get(mode, 0.0), "held-out accuracy")
         ax.set(title=mode.replace("_", "-"), ylim=(0, 1.05))
     axes[1].legend(fontsize=7, loc="upper right")
-    _save(fig, out / "accuracy.png")
+    save_figure(fig, out / "accuracy.png", dpi=100)
 
 
 def plot_lengths(out: Path, details: dict, domains) -> None:
-    plt = _plt()
+    plt = pyplot()
     if plt is None or not details:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
@@ -226,4 +201,4 @@ def plot_lengths(out: Path, details: dict, domains) -> None:
                  lambda m, d: details[m].get(d, {}).get(mode, {}).get("mean_length", 0.0), "mean response tokens")
         ax.set(title=mode.replace("_", "-"))
     axes[1].legend(fontsize=7, loc="upper right")
-    _save(fig, out / "lengths.png")
+    save_figure(fig, out / "lengths.png", dpi=100)

@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
-import os
 import platform
 import sys
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import kernels, presets
+from ..io import write_json
 from ..model.attention import MLA, RMSNorm
 from ..model.cache import LayerCache
 from . import costs, report
@@ -508,9 +507,7 @@ class AttentionBench:
                      and (d["length"], d["topk"], d["phase"], d["batch"]) == key), None)
 
     def _write_json(self) -> None:
-        tmp = self.out / "attention.json.tmp"
-        tmp.write_text(json.dumps(self.records, indent=1))
-        os.replace(tmp, self.out / "attention.json")
+        write_json(self.out / "attention.json", self.records, indent=1)
 
     def meta(self) -> dict:
         s = costs.Shapes.of(self.cfg)

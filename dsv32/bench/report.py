@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io import pyplot
+
 PHASE_TITLES = {
     "prefill": "prefill: forward, no grad",
     "train": "train: forward + backward",
@@ -111,12 +113,8 @@ def markdown(records: list[dict], meta: dict) -> str:
 def plot(records: list[dict], meta: dict, path: Path) -> Path | None:
     """Time against length, log-log, one panel per phase (and decode batch); dense/dsa ratios marked.
     Returns None (and writes nothing) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     panels = sorted({(r["phase"], r["batch"]) for r in records},
                     key=lambda t: (("prefill", "train", "decode").index(t[0]), t[1]))

@@ -10,12 +10,12 @@ Legend: N rows, L = T + 1 tokens per row, B batch size, T sequence length.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
+from ..io import iter_jsonl
 from .corpus import pack
 from .tokenizer import ByteTokenizer
 
@@ -35,22 +35,10 @@ def read_text_files(paths) -> list[str]:
 def read_jsonl(path, field: str = "text") -> list[str]:
     """The string `field` of every JSON object line; blank lines are skipped."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one "
-                                 f'JSON object such as {{"{field}": "..."}}') from None
-            if not isinstance(row, dict) or field not in row:
-                got = f"keys {sorted(row)}" if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{where}: no field {field!r} (got {got}); fix the line or pass field=<key>")
-            if not isinstance(row[field], str):
-                raise ValueError(f"{where}: field {field!r} is {type(row[field]).__name__}, not a string")
-            docs.append(row[field])
+    for where, row in iter_jsonl(path, (field,), example=f'{{"{field}": "..."}} (or pass field=<key>)'):
+        if not isinstance(row[field], str):
+            raise ValueError(f"{where}: field {field!r} is {type(row[field]).__name__}, not a string")
+        docs.append(row[field])
     return docs
 
 

@@ -21,8 +21,6 @@ verified rate, prompt yield, duplicates, records, mean length) go beside the fil
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 
 from ..data.chat import parse_assistant
 from ..data.tokenizer import ByteTokenizer
+from ..io import write_json, write_jsonl
 
 MODES = {"thinking": True, "non_thinking": False}
 
@@ -180,27 +179,6 @@ def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokeniz
     finally:
         model.train(was_training)
     return records, stats
-
-
-def write_jsonl(path, records: list[dict]) -> Path:
-    """One JSON object per line, written to a temporary file and renamed (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def write_json(path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def stats_path(jsonl) -> Path:

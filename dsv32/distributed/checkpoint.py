@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..io import atomic_write
 from ..train import checkpoint as train_checkpoint
 from .parallel import current, is_sharded
 
@@ -202,7 +203,7 @@ def save(out_dir, step: int, model: nn.Module, optimizer, data_state: dict, rng:
         if final.exists():  # re-saving the same step (a resumed run that ends where it stopped)
             shutil.rmtree(final)
         tmp.rename(final)
-        train_checkpoint._atomic_text(out_dir / "latest", final.name + "\n")
+        atomic_write(out_dir / "latest", final.name + "\n")
         for old in train_checkpoint.list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()  # nobody reads or writes the run folder before the rename

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
 from ..data.tokenizer import ByteTokenizer
+from ..io import write_json
 
 MODES = {"thinking": True, "non_thinking": False}
 
@@ -97,13 +96,6 @@ def evaluate_suites(model, tasks_by_domain: dict[str, list], *, modes=tuple(MODE
     return {"accuracy": acc, "details": details, "seconds": time.time() - t0}
 
 
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def main(argv: list[str]) -> int:
     """`dsv32 eval suites`: prints a table and writes JSON (stdout when no --out)."""
     from ..rl import tasks as T
@@ -146,7 +138,7 @@ def main(argv: list[str]) -> int:
             print(f"{domain:10} {mode:13} acc {d['accuracy']:.3f}  len {d['mean_length']:5.1f}  "
                   f"format {d['format_ok']:.2f}{extra}", flush=True)
     if args.out:
-        _atomic_json(Path(args.out), result)
+        write_json(args.out, result)
         print(f"suites: wrote {args.out}", flush=True)
     else:
         print(json.dumps(result["accuracy"], indent=2))

@@ -11,15 +11,14 @@ FP8 simulation, attention mode) travel in a `dsv32` entry of config.json, which 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..io import atomic_write, write_json
 from .config import ModelConfig
 
 # -- config ---------------------------------------------------------------------------------------
@@ -279,17 +278,6 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -306,14 +294,14 @@ def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     stale = path / ("model.safetensors" if len(shards) > 1 else "model.safetensors.index.json")
     stale.unlink(missing_ok=True)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic_write(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        write_json(path / "model.safetensors.index.json", index)
     hf = config_to_hf(model.cfg)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf["dtype"] = hf["torch_dtype"] = dtype
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+    write_json(path / "config.json", hf)

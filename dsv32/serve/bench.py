@@ -14,14 +14,13 @@ top-p 0.95, bookkeeping) as a server runs it. Prefill time is reported beside it
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_write, write_json
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -87,12 +86,6 @@ def markdown(records: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _ints(text: str, flag: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -153,7 +146,7 @@ def main(argv: list[str]) -> int:
                           f"({r['step_ms']:.1f} ms/step), prefill {r['prefill_s']:.3f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "serve.json", json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
-    _write(out / "serve.md", markdown(records, meta))
+    write_json(out / "serve.json", {"meta": meta, "results": records})
+    atomic_write(out / "serve.md", markdown(records, meta))
     print(f"wrote {out / 'serve.json'} and {out / 'serve.md'}")
     return 0

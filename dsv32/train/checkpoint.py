@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_write
+
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 REQUIRED = ("trainer.json", "optimizer.pt", "rng.pt")
 
@@ -42,13 +44,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def save(out_dir, step: int, model, optimizer, data_state: dict, rng: dict, config_dict: dict,
@@ -78,7 +73,7 @@ def save(out_dir, step: int, model, optimizer, data_state: dict, rng: dict, conf
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_text(out_dir / "latest", final.name + "\n")
+    atomic_write(out_dir / "latest", final.name + "\n")
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
