@@ -64,13 +64,17 @@ class DistContext:
         return out
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average scalar logs over ranks (one all-reduce); every rank must pass the same keys."""
-        if not self.enabled or not values:
+        """Average scalar logs over ranks (one all-gather); the same dict on every rank.
+
+        Keys may differ between ranks (SFT logs a loss per domain, and a rank's rows can hold no conversation
+        of some domain): each key is averaged over the ranks that report it. A collective of fixed size
+        over differing keys would pair unrelated values or hang.
+        """
+        if not self.enabled:
             return values
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+        per_rank = self.gather({k: float(v) for k, v in values.items()})
+        keys = sorted(set().union(*per_rank))
+        return {k: sum(r[k] for r in per_rank if k in r) / sum(k in r for r in per_rank) for k in keys}
 
     def sum(self, value: float) -> float:
         """The sum of a number over ranks (one all-reduce); the number itself in one process."""
