@@ -88,9 +88,9 @@ def _worker(ctx, out: Path) -> None:
            "sft_grads": _sft_grads(ctx)}
 
     # `dsv32 sft` on two ranks: 2 steps, then resumed to 3.
-    init = str(out / "init")
-    assert cli(["sft", *SFT_ARGS, "--init-from", init, "--steps", "2", "--out", str(out / "sft")]) == 0
-    assert cli(["sft", *SFT_ARGS, "--init-from", init, "--steps", "3", "--out", str(out / "sft")]) == 0
+    init, ac = str(out / "init"), "--activation-checkpointing"  # recomputation changes nothing but memory
+    assert cli(["sft", *SFT_ARGS, ac, "--init-from", init, "--steps", "2", "--out", str(out / "sft")]) == 0
+    assert cli(["sft", *SFT_ARGS, ac, "--init-from", init, "--steps", "3", "--out", str(out / "sft")]) == 0
 
     # `dsv32 distill train`: SFT on records, then one on-policy step (the student samples through a replica).
     assert cli(["distill", "train", "--init-from", init, "--data", str(out / "records.jsonl"), "--out",
@@ -111,6 +111,13 @@ def _worker(ctx, out: Path) -> None:
     got["rl"] = {"weights": weights, "summary": {k: summary[k] for k in ("steps", "before", "after")},
                  "replica_is_policy": all(torch.equal(replica[k], v) for k, v in weights.items()),
                  "sharded": D.is_sharded(trainer.model)}
+
+    # `dsv32 rl` with the guard: every completion is cut at 8 tokens, so the clipped-ratio alarm fires and
+    # the ranks roll back together (DCP good checkpoints) until the guard stops the run.
+    assert cli(["rl", "--init-from", init, "--out", str(out / "rl-cli"), "--steps", "2", "--prompts_per_step=2",
+                "--group_size=3", "--max_tokens=8", "--eval_n=2", "--thinking=both", "--n_train_tasks=20",
+                '--rubric={"*": {"length_judge": 1.0}}', "--guard.eval_every=1", "--guard.eval_subset=2",
+                "--guard.clipped_ratio_max=0.5", "--guard.warmup=1", "--guard.max_rollbacks=1"]) == 0
     torch.save(got, out / f"rank{ctx.rank}.pt")
 
 
@@ -167,6 +174,16 @@ def test_distill_train_on_two_ranks(two_ranks):
     assert len(on_policy) == 1 and "reverse_kl" in on_policy[0]
     start, final = _micro().state_dict(), Transformer.from_pretrained(run / "final").state_dict()
     assert any(not torch.allclose(final[k], v) for k, v in start.items())  # trained, and exported whole
+
+
+def test_rl_command_on_two_ranks_rolls_back_together(two_ranks):
+    out, _ = two_ranks
+    run = out / "rl-cli"
+    logged = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_before/accuracy" in r for r in logged) == 1  # rank 0 alone writes
+    assert max(r.get("safeguard/rollbacks", 0) for r in logged) == 1
+    assert D.checkpoint.is_dcp(run / "good" / "step_00000000") and (run / "report.json").is_file()
+    assert sorted(p.name for p in (run / "final").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_rl_minibatches_agree_across_ranks(two_ranks):

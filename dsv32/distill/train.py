@@ -242,6 +242,9 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--teacher", action="append", default=[], metavar="DOMAIN=DIR",
                    help="the teacher of a domain for on-policy distillation (repeatable)")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the SFT (and, under torchrun, FSDP2 bf16 parameters)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     args = p.parse_args(argv)
     if not args.data:
         raise ValueError("--data: give at least one JSONL file of distillation records (dsv32 distill generate)")
@@ -250,10 +253,12 @@ def _main(argv: list[str]) -> int:
         raise ValueError("--on-policy-steps needs teachers: --teacher math=DIR (one per domain)")
     torch.manual_seed(args.seed)
     ctx = distributed.current()
-    model = distributed.parallelize(build_model(init_from=args.init_from), ctx)
+    model = distributed.parallelize(build_model(init_from=args.init_from), ctx,
+                                    activation_checkpointing=args.activation_checkpointing,
+                                    mp_policy=distributed.bf16_policy() if args.bf16 and ctx.enabled else None)
     out = Path(args.out)
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                      warmup_steps=min(args.warmup_steps, args.steps), out_dir=str(out / "sft"))
+                      warmup_steps=min(args.warmup_steps, args.steps), out_dir=str(out / "sft"), bf16=args.bf16)
     s = distill_sft(model, args.data, cfg, epochs=args.epochs, resume=not args.no_resume)
     ctx.print(f"distill train: SFT on {s['examples']} records ({s['modes']['thinking']} thinking, "
               f"{s['modes']['non_thinking']} non-thinking), {s['steps']} steps, final loss {s['final_loss']:.4f}")

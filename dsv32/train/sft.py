@@ -63,6 +63,9 @@ class Recipe:
 RECIPES = {
     # Measured from the tiny preset pretrained 400 steps (numbers: the SFT note of issues 6/7).
     "tiny": Recipe(domains={"math": 20, "tool": 2, "logic": 1, "countdown": 2, "alignment": 2}),
+    # The base of the issue-6 GRPO runs (tiny-math, tiny-tool, tiny-hack): thinking mode only, math and tool use,
+    # short enough that held-out accuracy sits in RL's learnable zone (groups with mixed rewards at T = 1).
+    "tiny-rl": Recipe(domains={"math": 5, "tool": 3}, mode="thinking", steps=150, batch_size=16, seq_len=256),
     # A few steps at a micro model: smoke runs and tests of the pipeline.
     "micro": Recipe(domains={"math": 2, "tool": 1, "logic": 1, "countdown": 1, "alignment": 1}, tasks_per_domain=4,
                     steps=4, batch_size=2, seq_len=480, warmup_steps=1),
@@ -325,6 +328,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (and, under torchrun, FSDP2 bf16 parameters with fp32 gradient reduction)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     return p
 
 
@@ -344,7 +350,7 @@ def build_examples(recipe: Recipe, data_files=(), tokenizer=None) -> list[Exampl
 
 
 def run_recipe(model, recipe: Recipe, out_dir, data_files=(), resume: bool = True, log_every: int = 10,
-               ckpt_every: int = 0) -> dict:
+               ckpt_every: int = 0, bf16: bool = False) -> dict:
     """Build the examples, train, write `out_dir/final/`; returns the loop's summary (+ "examples")."""
     tok = ByteTokenizer()
     if model.cfg.vocab_size < tok.vocab_size:
@@ -353,7 +359,7 @@ def run_recipe(model, recipe: Recipe, out_dir, data_files=(), resume: bool = Tru
     data = SFTData(examples, recipe.seq_len, recipe.seed)
     cfg = TrainConfig(lr=recipe.lr, steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
                       seed=recipe.seed, warmup_steps=min(recipe.warmup_steps, recipe.steps), log_every=log_every,
-                      ckpt_every=ckpt_every, out_dir=str(out_dir))
+                      ckpt_every=ckpt_every, out_dir=str(out_dir), bf16=bf16)
     distributed.current().print(f"sft: {len(examples)} conversations in {len(data)} rows of {recipe.seq_len + 1} "
                                 f"tokens ({data.target_tokens} target tokens), {model.cfg.attn_mode} attention")
     summary = run_sft(model, data, cfg, resume=resume)
@@ -385,9 +391,12 @@ def _main(argv: list[str]) -> int:
     recipe = replace(recipe, **changes)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    model = distributed.parallelize(build_model(args.preset, args.init_from, overrides))
+    ctx = distributed.current()
+    model = distributed.parallelize(build_model(args.preset, args.init_from, overrides), ctx,
+                                    activation_checkpointing=args.activation_checkpointing,
+                                    mp_policy=distributed.bf16_policy() if args.bf16 and ctx.enabled else None)
     summary = run_recipe(model, recipe, args.out, args.data, resume=not args.no_resume, log_every=args.log_every,
-                         ckpt_every=args.ckpt_every)
+                         ckpt_every=args.ckpt_every, bf16=args.bf16)
     distributed.current().print(f"sft: {summary['steps']} steps, final loss {summary['final_loss']:.4f}; model in "
                                 f"{Path(args.out) / 'final'}")
     return 0
