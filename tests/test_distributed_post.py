@@ -202,6 +202,7 @@ def test_rl_two_ranks_equal_one_process_and_refresh_replicas(two_ranks, tmp_path
     assert r0["rl"]["replica_is_policy"] and r1["rl"]["replica_is_policy"]  # the engines sample the updated policy
     trainer, summary = _rl_run(tmp_path)  # one process over the same groups (seeded sampling per request)
     assert summary["steps"] == 2
+    assert {k: summary[k] for k in ("before", "after")} == {k: r0["rl"]["summary"][k] for k in ("before", "after")}
     start = _micro().state_dict()
     moved = max((trainer.model.state_dict()[k] - v).abs().max().item() for k, v in start.items())
     assert moved > 1e-3  # the comparison below is not between two untrained models

@@ -18,7 +18,7 @@
   and takes the same decisions everywhere; stops are also agreed explicitly (`ctx.any`). Checkpoints are
   DCP shards (resume on any number of ranks), `final/` one consolidated Hugging Face directory.
 
-Evaluation (before/after, the guard's held-out sets) runs greedy on every rank's identical replica.
+Evaluation (before/after, the guard's held-out sets) is greedy and split over the ranks, the results combined.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
                              "rollout replica and shards the policy itself")
         self.ctx = ctx
         self._scales: list[float] = []
+        model.to(ctx.device)   # first: the trainer collates on the policy's device, the replicas copy it
         super().__init__(model, cfg, out_dir, tokenizer, metrics or (None if ctx.is_main else D.NullMetrics()))
         self.replica = copy.deepcopy(model).eval().requires_grad_(False)
         D.parallelize(model, ctx)   # rank 0's weights everywhere, then FSDP2 (a move to the device in one process)
@@ -119,6 +120,16 @@ class DistributedGRPOTrainer(GRPOTrainer):
 
     def _loss_scale(self, j: int) -> float:
         return self._scales[j]
+
+    def evaluate(self, tasks: list, thinking: bool | None = None) -> dict:
+        """Greedy held-out evaluation split over the ranks (tasks[rank::W]), the results combined weighted by
+        their counts: the same dict on every rank, as one process evaluating all the tasks would give."""
+        W = self.ctx.world_size
+        if W == 1 or len(tasks) < W:
+            return super().evaluate(tasks, thinking)
+        parts = self.ctx.gather(super().evaluate(tasks[self.ctx.rank::W], thinking))
+        n = sum(p["n"] for p in parts)
+        return {k: n if k == "n" else sum(p[k] * p["n"] for p in parts) / n for k in parts[0]}
 
     def _load(self, ck, guard_too: bool) -> None:
         super()._load(ck, guard_too)
