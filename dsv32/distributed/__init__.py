@@ -1,10 +1,13 @@
 """Scale-out: torchrun + FSDP2, distributed checkpoints that reshard, consolidated Hugging Face export.
 
     torchrun --nproc-per-node 2 -m dsv32 pretrain --preset tiny --batch-size 8 --out runs/pt2
+    torchrun --nproc-per-node 2 -m dsv32 sft --init-from DIR --out runs/sft2     # also distill train, rl
 
 Parallelism is applied to a built model from outside the model code (`parallel.py`); checkpoints go
-through `checkpoint.py`. Trainers consult `current()` (rank, world size, device, `shard`, `mean`,
-`is_main`) instead of reading rank globals; in a single process every helper is a no-op.
+through `checkpoint.py`. Trainers consult `current()` (rank, world size, device, `shard`, `mean`, `sum`,
+`any`, `is_main`) instead of reading rank globals; in a single process every helper is a no-op.
+`global_token_mean` makes a per-rank token-mean loss average to the global one (SFT), `mean_logs`
+combines logs whose keys differ by rank, and RL's data parallelism lives in `dsv32.rl.distributed`.
 """
 
 from . import checkpoint
