@@ -1,9 +1,10 @@
 """Post-training under torchrun on CPU: two gloo processes (spawned as torchrun starts them) against one.
 
-- SFT: the token-weighted loss and its gradients on two ranks equal one process on the whole batch, although
-  the ranks' rows hold different numbers of target tokens; `dsv32 sft` on two ranks stops, resumes from its
-  DCP checkpoint and matches the one-process run step for step; `dsv32 distill train` (SFT + one on-policy
-  step with a replica engine) runs on two ranks and writes one consolidated `final/`.
+- SFT: the loss (global token mean + indexer KL, sparse) and its gradients on two ranks equal one process on
+  the whole batch, although the ranks' rows hold different numbers of target tokens; `dsv32 sft` on two
+  ranks stops, resumes from its DCP checkpoint and matches the one-process run step for step;
+  `dsv32 distill train` (SFT + one on-policy step with a replica engine) runs on two ranks and writes one
+  consolidated `final/`; `dsv32 rl` with the guard rolls back on both ranks together.
 - RL: `DistributedGRPOTrainer` on two ranks (one prompt group each, a stop and a resume) ends with the same
   weights on both ranks, equal to the one-process run over the same groups, and the rollout replicas hold
   the policy's weights after the last update; minibatches agree across ranks.
@@ -52,11 +53,12 @@ def _sft_batch() -> tuple[dict, list[str]]:
 
 
 def _sft_grads(ctx) -> dict:
-    model = _micro()
+    """Sparse attention: the loss is the token mean of the LM loss plus the indexer KL (a mean per row)."""
+    model = _micro().set_attn_mode("sparse")
     if ctx.enabled:
         D.parallelize(model, ctx)
     batch, domains = _sft_batch()
-    loss, _ = D.global_token_mean(sft.make_loss(domains))(model, ctx.shard(batch))
+    loss, _ = sft.make_loss(domains)(model, ctx.shard(batch))
     loss.backward()
     grads = {n: (p.grad.full_tensor() if ctx.enabled else p.grad) for n, p in model.named_parameters()
              if p.grad is not None}
@@ -148,6 +150,7 @@ def test_sft_token_weighted_loss_and_grads_equal_one_process(two_ranks):
     ref = _sft_grads(D.current())
     assert got["sft_grads"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert set(got["sft_grads"]["grads"]) == set(ref["grads"])
+    assert any(".indexer." in n for n in ref["grads"])  # the KL reached the indexer: sparse attention ran
     for n, g in ref["grads"].items():
         torch.testing.assert_close(got["sft_grads"]["grads"][n], g, rtol=1e-4, atol=1e-6, msg=n)
 

@@ -170,9 +170,7 @@ def on_policy_distill(student, teachers: dict, cfg: OnPolicyConfig, metrics: Met
         mask_BT = batch["mask"]
         adv_BT = reverse_kl_advantages(lp_BT, teacher_BT, mask_BT, cfg.kl_coef)
         n_tok = mask_BT.sum().clamp(min=1)
-        # Ranks average their gradients: scaling by W / global tokens makes that the global token mean.
-        n_global = max(ctx.sum(float(mask_BT.sum())), 1.0)
-        loss = -(adv_BT * lp_BT * mask_BT).sum() * (ctx.world_size / n_global)
+        loss = distributed.global_mean(-(adv_BT * lp_BT * mask_BT).sum(), mask_BT.sum())  # over all ranks' tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0))

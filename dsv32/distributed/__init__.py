@@ -6,13 +6,13 @@
 Parallelism is applied to a built model from outside the model code (`parallel.py`); checkpoints go
 through `checkpoint.py`. Trainers consult `current()` (rank, world size, device, `shard`, `mean`, `sum`,
 `any`, `is_main`) instead of reading rank globals; in a single process every helper is a no-op.
-`global_token_mean` makes a per-rank token-mean loss average to the global one (SFT), `mean_logs`
+`global_mean` turns a rank's sum into its share of the global batch's mean (SFT's loss), `mean_logs`
 combines logs whose keys differ by rank, and RL's data parallelism lives in `dsv32.rl.distributed`.
 """
 
 from . import checkpoint
 from .checkpoint import copy_weights, export_hf, full_state_dict, load_dcp, restore, save_dcp
-from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, check_ready, current, global_token_mean, init,
+from .parallel import (DistContext, apply_ac, apply_fsdp, bf16_policy, check_ready, current, global_mean, init,
                        is_sharded, mean_logs, parallelize, session, shutdown)
 
 
@@ -33,5 +33,5 @@ class NullMetrics:
 
 
 __all__ = ["DistContext", "NullMetrics", "apply_ac", "apply_fsdp", "bf16_policy", "check_ready", "checkpoint",
-           "copy_weights", "current", "export_hf", "full_state_dict", "global_token_mean", "init", "is_sharded",
+           "copy_weights", "current", "export_hf", "full_state_dict", "global_mean", "init", "is_sharded",
            "load_dcp", "mean_logs", "parallelize", "restore", "save_dcp", "session", "shutdown"]

@@ -189,27 +189,19 @@ def session(backend: str | None = None):
             shutdown()
 
 
-def global_token_mean(loss_fn, ignore_index: int = -100):
-    """Wrap a loss that is a mean over this rank's target tokens (`labels != ignore_index`) so that the
-    ranks' average (what FSDP's gradient reduction computes) is the mean over the global batch's tokens.
+def global_mean(total: torch.Tensor, count) -> torch.Tensor:
+    """`total / count` over the global batch from this rank's sum and count: total · W / Σ_ranks count.
 
-    Each rank's mean is scaled by n_rank · W / n_global. Without it, ranks whose rows hold fewer target
-    tokens (SFT: conversations of different lengths) would weigh as much as the others, and W ranks
-    would not equal one process on the whole batch. The logged loss is scaled too, so its mean over
-    ranks is the global token mean. A no-op in one process.
+    FSDP averages the ranks' gradients, so this gives one process's mean over the whole batch even when the
+    ranks hold different numbers of items (SFT: conversations of different lengths), where a mean per rank
+    would weigh a short slice like a long one. The logged value averages over ranks to the global mean too.
+    One process: total / max(count, 1).
     """
-
-    def wrapped(model, batch: dict):
-        out = loss_fn(model, batch)
-        ctx = current()
-        if not ctx.enabled:
-            return out
-        loss, extras = (out[0], out[1]) if isinstance(out, tuple) else (out, {})
-        n_rank = float((batch["labels"] != ignore_index).sum())
-        n_global = ctx.sum(n_rank)
-        return loss * (n_rank * ctx.world_size / max(n_global, 1.0)), extras
-
-    return wrapped
+    ctx = current()
+    n = float(count)
+    if not ctx.enabled:
+        return total / max(n, 1.0)
+    return total * (ctx.world_size / max(ctx.sum(n), 1.0))
 
 
 def bf16_policy():

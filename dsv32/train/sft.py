@@ -257,7 +257,7 @@ def make_loss(domains: list[str]):
         ce_BT = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
                                 reduction="none").view_as(batch["labels"])
         target_BT = batch["labels"] != IGNORE
-        loss = ce_BT.sum() / target_BT.sum().clamp(min=1)
+        loss = distributed.global_mean(ce_BT.sum(), target_BT.sum())  # under torchrun: the global batch's mean
         extras = {}
         for i, d in enumerate(domains):
             sel = target_BT & (batch["domain_ids"] == i)
@@ -284,14 +284,14 @@ def groups_for(model) -> list[ParamGroup]:
 def run_sft(model, data: SFTData, cfg: TrainConfig, resume: bool = True, metrics=None) -> dict:
     """SFT through the shared loop; the model keeps its attention mode (sparse checkpoints train sparse).
 
-    Under torchrun (model `distributed.parallelize`d) each rank trains on its rows of every global batch, the
-    loss weighted by target tokens so that the ranks together take one process's step on the whole batch."""
+    Under torchrun (model `distributed.parallelize`d) each rank trains on its rows of every global batch; the
+    loss is the global batch's token mean (`distributed.global_mean`), so the ranks together take one
+    process's step on the whole batch."""
     world = distributed.current().world_size
     if cfg.batch_size % world:
         raise ValueError(f"sft: batch size {cfg.batch_size} (the global batch) is not a multiple of the {world} "
                          f"processes; pass --batch-size as a multiple of {world}")
-    loss_fn = distributed.global_token_mean(make_loss(data.domains), ignore_index=IGNORE)
-    return train(model, data.stream(cfg.batch_size), cfg, loss_fn=loss_fn, groups=groups_for(model),
+    return train(model, data.stream(cfg.batch_size), cfg, loss_fn=make_loss(data.domains), groups=groups_for(model),
                  metrics=metrics, resume=resume)
 
 
