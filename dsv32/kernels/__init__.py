@@ -3,6 +3,8 @@
 Every backend module provides the same two ops (shapes as in `reference.py`):
 
     indexer_topk(q_BTHD, w_BTH, k_BSD, k_scale_BS, ks_BT, ke_BT, topk) -> idx_BTK   (int64, -1 padded)
+        The sets are the reference's; the order inside a set is the backend's (reference and triton: by
+        score; cpu: by index) - attention does not depend on it; compare with `reference.ascending`.
     sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale)  -> o_lat_BTHR (differentiable)
 
 Backends: `reference` (plain PyTorch, the ground truth), `cpu` (chunked, no L x L tensor), `triton`

@@ -68,6 +68,14 @@ def select_topk(scores_BTS: torch.Tensor, ks_BT: torch.Tensor, ke_BT: torch.Tens
     return idx_BTK.masked_fill(slot >= n_valid_BT[..., None], INVALID)
 
 
+def ascending(idx_BTK: torch.Tensor) -> torch.Tensor:
+    """The same top-k sets in ascending index order, -1 slots last: backends may order a set as they like
+    (the cpu backend returns this order), so compare sets through this."""
+    big = torch.iinfo(idx_BTK.dtype).max
+    out = torch.where(idx_BTK < 0, big, idx_BTK).sort(dim=-1).values
+    return out.masked_fill_(out == big, INVALID)
+
+
 def selected_mask(idx_BTK: torch.Tensor, S: int) -> torch.Tensor:
     """[B, T, S] bool from top-k indices; -1 slots select nothing (scattered into a spill column)."""
     B, T, _ = idx_BTK.shape

@@ -6,7 +6,8 @@ Same ops and shapes as `reference.py` (legend there), plus the training helpers 
         Scores and top-k block by block over queries: a block scores only its key range
         [min ks, max ke) (causal prefill skips the future), tile by tile over keys, and selects at
         once, so at most O(block * S) scores are alive. fp32 inputs give exactly
-        `reference.select_topk(reference.indexer_scores(...))` (same sets, same order, same tie rule);
+        `reference.select_topk(reference.indexer_scores(...))` (same sets, same tie rule; each set in
+        ascending index order, `reference.ascending` of the reference's, so it needs no sort);
         bf16 inputs use the bf16 matmul (fp32 accumulation, bf16-rounded logits) and the ReLU-weighted
         head sum in fp32. Long rows are prefiltered exactly (a sampled threshold, checked per row) so
         that only ~1.3 k candidates per row are sorted. NaN scores: order unspecified.
