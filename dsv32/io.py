@@ -64,11 +64,11 @@ def iter_jsonl(path, required: tuple[str, ...] = (), example: str = '{"text": ".
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one "
                                  f"JSON object such as {example}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: a JSON {type(row).__name__}, not an object; each line must be one "
-                                 f"JSON object such as {example}")
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}; each line must be "
+                                 f"one JSON object such as {example}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{where}: no field {missing[0]!r} (got keys {sorted(row)}); each line must "
+                raise ValueError(f"{where}: missing key {missing[0]!r} (got keys {sorted(row)}); each line must "
                                  f"look like {example}")
             yield where, row
 

@@ -123,9 +123,9 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"corpus\.jsonl:4: invalid JSON"):
         read_jsonl(p)
     p.write_text('{"text": "one"}\n{"body": "two"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: no field 'text'"):
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: missing key 'text'"):
         read_jsonl(p)
-    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: no field 'body'"):
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: missing key 'body'"):
         read_jsonl(p, field="body")
     p.write_text('{"text": "one"}\n{"text": "twö"}\n', encoding="utf-8")
     assert read_jsonl(p) == ["one", "twö"]

@@ -30,6 +30,8 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+from ..io import iter_jsonl
+
 DOMAINS = ("math", "countdown", "logic", "tool", "alignment")
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 20
@@ -372,33 +374,20 @@ def load_tasks_jsonl(path) -> list[Task]:
     if not path.is_file():
         raise ValueError(f"{path}: no such file; pass a JSONL file of {{\"prompt\", \"answer\", \"domain\"}} lines")
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one object "
-                                 'like {"prompt": "What is 2+3?", "answer": "5", "domain": "math"}') from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("prompt", "answer", "domain"):
-                if key not in row:
-                    raise ValueError(f"{where}: missing key {key!r} (got {sorted(row)}); every line needs "
-                                     "prompt, answer and domain")
-                if not isinstance(row[key], str) or not row[key].strip():
-                    raise ValueError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
-            meta = row.get("meta", {})
-            if not isinstance(meta, dict):
-                raise ValueError(f"{where}: 'meta' must be a JSON object, got {type(meta).__name__}")
-            if row["domain"] == "countdown" and not {"numbers", "target"} <= set(meta):
-                raise ValueError(f"{where}: a countdown task needs meta.numbers and meta.target to be checkable")
-            solution = row.get("solution")
-            if solution is not None and not isinstance(solution, str):
-                raise ValueError(f"{where}: 'solution' must be a string or absent")
-            tasks.append(Task(row["prompt"], row["answer"], row["domain"], meta, solution))
+    for where, row in iter_jsonl(path, ("prompt", "answer", "domain"),
+                                 example='{"prompt": "What is 2+3?", "answer": "5", "domain": "math"}'):
+        for key in ("prompt", "answer", "domain"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
+        meta = row.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: 'meta' must be a JSON object, got {type(meta).__name__}")
+        if row["domain"] == "countdown" and not {"numbers", "target"} <= set(meta):
+            raise ValueError(f"{where}: a countdown task needs meta.numbers and meta.target to be checkable")
+        solution = row.get("solution")
+        if solution is not None and not isinstance(solution, str):
+            raise ValueError(f"{where}: 'solution' must be a string or absent")
+        tasks.append(Task(row["prompt"], row["answer"], row["domain"], meta, solution))
     if not tasks:
         raise ValueError(f"{path}: no tasks (the file is empty)")
     return tasks

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import random
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..data.loaders import IGNORE
 from ..data.tokenizer import ByteTokenizer
+from ..io import iter_jsonl
 from ..model import Trace
 from .loop import train
 from .optim import ParamGroup, TrainConfig
@@ -109,24 +109,16 @@ def read_records(path) -> list[dict]:
     path, rows = Path(path), []
     if not path.is_file():
         raise ValueError(f"{path}: no such file; pass a JSONL file of {{\"messages\": [...], \"mode\": ...}} records")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
-                raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise ValueError(f"{where}: no assistant message, so nothing to train on; add the reply")
-            if row.get("mode", "thinking") not in MODES:
-                raise ValueError(f"{where}: mode {row.get('mode')!r} must be 'thinking' or 'non_thinking'")
-            row["_where"] = where
-            rows.append(row)
+    for where, row in iter_jsonl(path, example='{"messages": [...], "mode": "thinking"}'):
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{where}: no assistant message, so nothing to train on; add the reply")
+        if row.get("mode", "thinking") not in MODES:
+            raise ValueError(f"{where}: mode {row.get('mode')!r} must be 'thinking' or 'non_thinking'")
+        row["_where"] = where
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no records (the file is empty)")
     return rows
