@@ -43,6 +43,7 @@ def test_bench_records(bench_out):
             assert r["reason"] and not r["reason"].startswith("error"), r["reason"]
         else:
             assert r["ms"] > 0 and math.isfinite(r["ms"]) and r["peak_mb"] >= 0, r
+            assert r["cpu_ms"] is None or r["cpu_ms"] > 0, r  # None: the one run was the memory-tracked one
         seen.add((r["phase"], r["impl"], r["length"], r["batch"]))
     for phase, batches in (("prefill", (1,)), ("train", (1,)), ("decode", (1, 8))):
         for impl in ("dense", "dsa", "hf"):
@@ -59,7 +60,7 @@ def test_bench_markdown_has_ratio_columns(bench_out):
     for phase in ("prefill", "train", "decode"):
         assert f"## {phase}" in md
     header = next(line for line in md.splitlines() if line.startswith("| L |"))
-    assert "dense/dsa" in header and "bound attn" in header and "bound layer" in header
+    assert "dense/dsa" in header and "CPU time" in header and "bound attn" in header and "bound layer" in header
     rows = [line for line in md.splitlines() if line.startswith("| 128 |") or line.startswith("| 256 |")]
     assert len(rows) == 2 + 2 + 4  # prefill, train: 2 lengths; decode: 2 lengths x 2 batches
     assert all("×" in row for row in rows)

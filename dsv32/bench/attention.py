@@ -436,6 +436,7 @@ class AttentionBench:
                 m = time_runs(step, reset, self.device, warmup=self.warmup, repeats=self.repeats,
                               budget_s=self.budget_s)
             rec.update(ms=round(m["ms"], 4), peak_mb=round(m["peak_bytes"] / 2**20, 2), times_ms=m["times_ms"],
+                       cpu_ms=None if m["cpu_ms"] is None else round(m["cpu_ms"], 4),
                        repeats=len(m["times_ms"]), warmup=m["warmup"])
             if m["note"]:
                 rec["note"] = m["note"]

@@ -121,18 +121,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step, device) -> float:
+def _timed(step, device, cpu_times: list | None = None) -> float:
+    """Wall seconds of one run; its process CPU seconds are appended to `cpu_times` when given."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     step()
     _sync(device)
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
 
 def time_runs(step, reset, device: torch.device, *, warmup: int, repeats: int, budget_s: float) -> dict:
     """Run `step` (after `reset`, untimed) `warmup` + up to `repeats` times.
 
-    Returns {"ms": median, "times_ms": [...], "peak_bytes": int, "warmup": n, "note": str | None}.
+    Returns {"ms": median, "times_ms": [...], "cpu_ms": median process CPU time, "peak_bytes": int,
+    "warmup": n, "note": str | None}. On a shared CPU the CPU time is the steadier measure: other
+    processes stretch the wall time of a run but not the CPU time it needs.
     The first warm-up run also measures peak memory. Repeats are cut so the case stays within
     `budget_s` (judged by the last warm-up run); when even one more run would not fit, the first run
     is the measurement.
@@ -165,17 +170,18 @@ def time_runs(step, reset, device: torch.device, *, warmup: int, repeats: int, b
         spent += last
         n_warm += 1
     repeats = max(0, min(repeats, int((budget_s - spent) / max(last, 1e-9))))
-    times = []
+    times, cpu = [], []
     if repeats:
         base = start_peak()
         for _ in range(repeats):
             reset()
-            times.append(_timed(step, device))
+            times.append(_timed(step, device, cpu))
         if cuda:  # the timed runs' peak (the first run may include compilation and autotuning)
             peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        times = [first]
+        times, cpu = [first], []
         note = "one run: the first used the time budget" + ("" if cuda else " (timed with memory tracking on)")
     reset()
     return {"ms": statistics.median(times) * 1e3, "times_ms": [round(t * 1e3, 4) for t in times],
+            "cpu_ms": statistics.median(cpu) * 1e3 if cpu else None,
             "peak_bytes": int(peak), "warmup": n_warm, "note": note}
