@@ -6,7 +6,11 @@ Defaults follow rl-distill-anchors.md §6.3 scaled to a 4M-parameter byte model 
 advantages without std (V3.2), Clip-Higher 0.2/0.28, per-sequence token mean (V3.2), β = 0 for math and
 a weak KL elsewhere (V3.2 §3.1: "weak or no KL for mathematics"), two minibatches per rollout (so OPSM
 has something to mask), Keep Sampling Mask and Keep Routing always on. The learning rate is far above
-the 1e-6 of billion-parameter runs: a tiny model needs it to move within minutes.
+the 1e-6 of billion-parameter runs: a tiny model needs it to move within minutes. It is also the ceiling: a
+fresh AdamW's first steps move every weight by about lr in the sign of its gradient, and from an SFT'd tiny
+model lr >= 2e-4 lowers held-out math accuracy within a few steps (measured 0.51 -> 0.15 at 2e-4, -> 0.10 at
+5e-4, even when only positive advantages are kept), while 1e-4 with a 10-step warm-up climbs (0.51 -> 0.675
+in 100 steps).
 
 Presets:
     tiny-math       multi-step arithmetic, thinking mode (issue 6 acceptance: held-out accuracy +15 points)
@@ -50,7 +54,7 @@ class RLConfig:
     top_k: int = 0
     max_tokens: int = 64               # per model turn
     max_turns: int = 3                 # model turns per sample in the tool loop
-    lr: float = 2e-4
+    lr: float = 1e-4                   # see the module docstring: 2e-4 already degrades a tiny SFT'd model
     warmup_steps: int = 2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -136,18 +140,26 @@ class RLConfig:
 
 
 def tiny_math() -> RLConfig:
-    return RLConfig(name="tiny-math", domains={"math": 1})
+    """Issue 6's math bar: 10 minutes on 2 CPU cores from the `tiny-rl` SFT base (`dsv32.train.sft.RECIPES`).
+    One minibatch of 32 prompts x 8 samples per step: a rollout is cheap next to the update, and a larger batch
+    per optimizer step is steadier than more, smaller steps at this learning rate."""
+    return RLConfig(name="tiny-math", domains={"math": 1}, prompts_per_step=32, minibatches=1, warmup_steps=10,
+                    steps=400, minutes=10)
 
 
 def tiny_tool() -> RLConfig:
-    # Tool prompts carry the tool schemas (~800 tokens): fewer prompts per step keep a step short on a CPU.
-    return RLConfig(name="tiny-tool", domains={"tool": 1}, prompts_per_step=8, max_tokens=48)
+    """Issue 6's tool bar: the calculator / lookup loop, 10 minutes. A tool conversation is ~3x a math one, so
+    16 prompts per step."""
+    return RLConfig(name="tiny-tool", domains={"tool": 1}, prompts_per_step=16, minibatches=1, warmup_steps=10,
+                    max_tokens=48, steps=400, minutes=10)
 
 
 def tiny_hack() -> RLConfig:
     """The guard demo: the only train reward is a judge that loves long answers (`rewards.length_judge`), so
     the policy pads its answers, held-out accuracy falls, and the guard must fire and roll back."""
+    # lr 2e-4, twice the default: an aggressive run, so the hack shows within the first guard evaluations.
     return RLConfig(name="tiny-hack", domains={"math": 1}, rubric={"*": {"length_judge": 1.0}}, guard_demo=True,
+                    lr=2e-4,
                     guard=GuardConfig(eval_every=4, eval_subset=64, tolerance=0.1, hack_reward_rise=0.05,
                                       hack_eval_drop=0.03, max_rollbacks=2, lr_gamma=0.5, beta_factor=2.0))
 

@@ -57,9 +57,10 @@ def success(sample) -> bool:
 def policy_logprobs(model, batch: dict, entropy: bool = False, entropy_grad: bool = False):
     """Per-token log-probs [B, T] of the sampled tokens with the sampler's kept sets (Keep Sampling Mask) and MoE
     routes (Keep Routing) replayed, and optionally the entropy [B, T] of that renormalised distribution."""
-    logits_BTV = model(batch["input_ids"], routes=batch["routes"]).float()
+    limit = batch.get("vocab_limit")   # the sampler never drew ids >= the tokenizer's vocabulary: renormalise likewise
+    logits_BTV = model(batch["input_ids"], routes=batch["routes"]).float()[..., :limit]
     B, T_, V = logits_BTV.shape
-    kept = batch["kept"]
+    kept = batch["kept"] if batch["kept"] is None else batch["kept"][..., :V]
     lp = logprobs_over_kept(logits_BTV.reshape(-1, V), batch["targets"].reshape(-1),
                             None if kept is None else kept.reshape(-1, V), batch["temperature"]).view(B, T_)
     ent = None
@@ -76,8 +77,10 @@ class GRPOTrainer:
         self.tok = tokenizer or ByteTokenizer()
         self.device = next(model.parameters()).device
         self.rubric = Rubric(cfg.rubric)
+        # vocab_limit: the tiny embedding is larger than the byte vocabulary; ids past it would crash decode.
+        self.vocab_limit = min(self.tok.vocab_size, model.cfg.vocab_size)
         self.engine = Engine(model, max_batch=cfg.prompts_per_step * cfg.group_size, eos_id=self.tok.eos_id,
-                             decode=self.tok.decode)
+                             decode=self.tok.decode, vocab_limit=self.vocab_limit)
         moe = any(isinstance(layer.ffn, MoE) for layer in model.layers)
         self.sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                        max_tokens=cfg.max_tokens, logprobs=True,
@@ -269,8 +272,8 @@ class GRPOTrainer:
         # for `epochs` passes (TRL's num_iterations; the clip keeps later passes near π_old).
         order = [keep[i] for i in torch.randperm(len(keep)).tolist()]
         chunks = self._minibatches(order, samples)
-        batches = [collate([samples[i] for i in c], self.model.cfg.vocab_size, self.device, cfg.temperature)
-                   for c in chunks]
+        batches = [{**collate([samples[i] for i in c], self.model.cfg.vocab_size, self.device, cfg.temperature),
+                    "vocab_limit": self.vocab_limit} for c in chunks]
         with torch.no_grad():   # π_old for every slice after the first: the policy before this rollout's updates
             olds = [None] + [policy_logprobs(self.model, b)[0] for b in batches[1:]]
         agg: dict[str, float] = {}
