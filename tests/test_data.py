@@ -195,6 +195,26 @@ def test_retrieval_documents_vary_in_length_and_weights_follow_the_answers():
     assert all(t in digits for t in labels[w == 4].tolist())
 
 
+def test_short_retrieval_documents_fit_rows_of_256_with_their_answers():
+    """Rows of 256 tokens: every synthetic document (its eos included) fits one row, so no question is cut
+    from its needle; below 200 characters the multi-hop chains take one hop; below the minimum is an error."""
+    from dsv32.data.corpus import MIN_RETRIEVAL_LENGTH, retrieval_documents
+    from dsv32.train.stages import build_documents
+
+    docs = retrieval_documents(5, 60, MIN_RETRIEVAL_LENGTH, 199)
+    assert {d.kind for d in docs} == {"passkey", "kv_recall", "multihop"}
+    assert all(MIN_RETRIEVAL_LENGTH <= len(d.text) <= 199 for d in docs)
+    for d in docs:
+        assert d.answers and all(ans.isalnum() for ans in d.answer_texts())
+        if d.kind == "multihop":
+            assert d.text.count("refers to") == 2  # one hop, one distractor chain
+    synthetic = [d for d in build_documents(256, seed=0, n_synthetic=40, min_synthetic_length=100)
+                 if not isinstance(d, str)]
+    assert len(synthetic) == 40 and all(MIN_RETRIEVAL_LENGTH <= len(d.text) <= 255 for d in synthetic)
+    with pytest.raises(ValueError, match="min_length"):
+        retrieval_documents(0, 3, MIN_RETRIEVAL_LENGTH - 1, 300)
+
+
 def test_weighted_cross_entropy_reduces_to_the_plain_mean():
     from dsv32.train.loop import cross_entropy
 

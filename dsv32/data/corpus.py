@@ -150,12 +150,16 @@ def synthetic_documents(seed: int, n: int, length: int, n_pairs: int = 8) -> lis
     return [makers[i % 3]() for i in range(n)]
 
 
+MIN_RETRIEVAL_LENGTH = 140  # the longest fixed part: a one-hop chain with one distractor (133 characters)
+
+
 def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> list[Document]:
     """n long-range documents of random lengths in [min_length, max_length], so that the needle sits at every
     distance from its question: passkeys, key-value recall with several queries each (most answer tokens per
-    document), and multi-hop chains, mixed 2:2:1 and reproducible from `seed`."""
-    if not 256 <= min_length <= max_length:
-        raise ValueError(f"corpus.py retrieval_documents: need 256 <= min_length <= max_length "
+    document), and multi-hop chains (one hop below 200 characters, where two do not fit), mixed 2:2:1 and
+    reproducible from `seed`."""
+    if not MIN_RETRIEVAL_LENGTH <= min_length <= max_length:
+        raise ValueError(f"corpus.py retrieval_documents: need {MIN_RETRIEVAL_LENGTH} <= min_length <= max_length "
                          f"(got {min_length}, {max_length})")
     rng = random.Random(seed)
     docs = []
@@ -170,7 +174,7 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> 
             n_pairs = rng.randint(n_queries, max(n_queries, min(12, length // 64)))
             docs.append(kv_recall_document(rng, length, n_pairs, n_queries))
         else:
-            docs.append(multihop_document(rng, length, hops=rng.randint(1, 2), n_distractors=1))
+            docs.append(multihop_document(rng, length, hops=rng.randint(1, 2 if length >= 200 else 1), n_distractors=1))
     return docs
 
 

@@ -138,7 +138,7 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
     split holds out every VAL_EVERY-th natural document and draws its synthetic documents from another seed.
     """
     from ..data import natural_documents, synthetic_documents
-    from ..data.corpus import retrieval_documents
+    from ..data.corpus import MIN_RETRIEVAL_LENGTH, retrieval_documents
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
@@ -150,9 +150,11 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
     synth_seed = seed if split == "train" else seed + 1_000_003
     # A synthetic document must fit in one packed row (its eos included), or the question and the
     # needle it asks about can land in different rows and the task becomes unlearnable.
-    length = synthetic_length or max(seq_len - 1, 384)  # (very short rows cut them: they cannot fit)
     if min_synthetic_length is not None:
-        return texts + retrieval_documents(synth_seed, n_synthetic, min(min_synthetic_length, length), length)
+        top = synthetic_length or max(seq_len - 1, MIN_RETRIEVAL_LENGTH)
+        low = min(max(min_synthetic_length, MIN_RETRIEVAL_LENGTH), top)
+        return texts + retrieval_documents(synth_seed, n_synthetic, low, top)
+    length = synthetic_length or max(seq_len - 1, 384)  # (fixed-length documents need 384: very short rows cut them)
     return texts + synthetic_documents(synth_seed, n_synthetic, length)
 
 
