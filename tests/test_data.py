@@ -215,6 +215,24 @@ def test_short_retrieval_documents_fit_rows_of_256_with_their_answers():
         retrieval_documents(0, 3, MIN_RETRIEVAL_LENGTH - 1, 300)
 
 
+def test_copy_documents_answer_with_the_repeat_of_each_word():
+    from dsv32.data.corpus import copy_document
+    from dsv32.train.stages import build_documents
+
+    doc = copy_document(random.Random(4), 200)
+    assert doc.kind == "copy" and 180 <= len(doc.text) <= 200 and doc.text.endswith("|")
+    episodes = doc.text[:-1].split("|")
+    assert len(episodes) == len(doc.answers) >= 10
+    for episode, answer in zip(episodes, doc.answer_texts()):
+        first, second = episode.split(" ")
+        assert first == second and answer == second[1:]  # the first letter of a repeat is not predictable
+    with pytest.raises(ValueError, match="length"):
+        copy_document(random.Random(0), 10)
+    docs = build_documents(256, seed=0, n_synthetic=0, n_copy=30)
+    copies = [d for d in docs if not isinstance(d, str)]
+    assert len(copies) == 30 and all(d.kind == "copy" and len(d.text) <= 255 for d in copies)
+
+
 def test_weighted_cross_entropy_reduces_to_the_plain_mean():
     from dsv32.train.loop import cross_entropy
 

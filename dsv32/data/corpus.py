@@ -178,6 +178,26 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> 
     return docs
 
 
+def copy_document(rng: random.Random, length: int, min_word: int = 3, max_word: int = 8) -> Document:
+    """Episodes "word word|" of random lowercase words, `length` characters in all: from the second letter
+    on, each repeat can only be predicted by finding the first copy and reading on (an induction head).
+    Such episodes grow induction heads within a few hundred steps, where passkey and key-value documents
+    alone, whose answers are a few tokens in hundreds, do not (the circuit every retrieval task reuses).
+    The answers are the repeats after their first letter."""
+    if not 1 <= min_word <= max_word or length < 2 * max_word + 2:
+        raise ValueError(f"corpus.py copy_document: need 1 <= min_word <= max_word and length >= 2 * max_word + 2 "
+                         f"(got length={length}, min_word={min_word}, max_word={max_word})")
+    text, answers = "", []
+    while True:
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(min_word, max_word)))
+        if len(text) + 2 * len(word) + 2 > length:
+            break
+        text += word + " "
+        answers.append((len(text) + 1, len(text) + len(word)))
+        text += word + "|"
+    return Document(text, answers, "copy")
+
+
 def answer_weights(doc: Document, n_tokens: int, weight: float) -> list[float]:
     """Per-token loss weights of a synthetic document: `weight` on its answer spans, 1 elsewhere (ASCII text:
     character offsets are token offsets)."""

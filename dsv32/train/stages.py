@@ -130,24 +130,30 @@ VAL_EVERY = 20  # every 20th natural document is held out for validation, never 
 
 
 def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
-                    max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None):
+                    max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
+                    n_copy: int = 0):
     """The natural documents of `split` (stdlib docstrings) and synthetic long-range `Document`s.
 
     Synthetic documents are either all `synthetic_length` long (default: one packed row), or, with
     `min_synthetic_length`, of random lengths up to one row, so needles sit at every distance. The "val"
     split holds out every VAL_EVERY-th natural document and draws its synthetic documents from another seed.
+    `n_copy` adds that many copy-episode documents of up to one row (`corpus.copy_document`).
     """
     from ..data import natural_documents, synthetic_documents
-    from ..data.corpus import MIN_RETRIEVAL_LENGTH, retrieval_documents
+    from ..data.corpus import MIN_RETRIEVAL_LENGTH, copy_document, retrieval_documents
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
     texts = [t for i, t in enumerate(natural_documents()) if (i % VAL_EVERY == 0) == (split == "val")]
     if max_natural is not None:
         texts = texts[:max_natural]
+    synth_seed = seed if split == "train" else seed + 1_000_003
+    if n_copy:
+        rng = random.Random(synth_seed + 17)
+        texts = texts + [copy_document(rng, rng.randint(MIN_RETRIEVAL_LENGTH, max(seq_len - 1, MIN_RETRIEVAL_LENGTH)))
+                         for _ in range(n_copy)]
     if not n_synthetic:
         return texts
-    synth_seed = seed if split == "train" else seed + 1_000_003
     # A synthetic document must fit in one packed row (its eos included), or the question and the
     # needle it asks about can land in different rows and the task becomes unlearnable.
     if min_synthetic_length is not None:
@@ -160,12 +166,13 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
 
 def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                   max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                  answer_weight: float = 1.0):
+                  answer_weight: float = 1.0, n_copy: int = 0):
     """Packed rows of natural documents mixed with synthetic long-range documents (`build_documents`);
     answer spans weigh `answer_weight` in the LM loss."""
     from ..data import ByteTokenizer, PackedDataset
 
-    docs = build_documents(seq_len, seed, n_synthetic, synthetic_length, max_natural, split, min_synthetic_length)
+    docs = build_documents(seq_len, seed, n_synthetic, synthetic_length, max_natural, split, min_synthetic_length,
+                           n_copy)
     return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
 
 
