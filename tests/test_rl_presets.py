@@ -28,14 +28,15 @@ def test_every_preset_builds_and_the_bar_presets_fit_ten_minutes():
     assert hack.guard is not None and hack.guard_demo
 
 
-def test_tiny_rl_recipe_is_thinking_math_and_tool_and_fits_its_rows():
-    recipe = sft.RECIPES["tiny-rl"]
-    examples = sft.build_examples(recipe)
-    assert {e.domain for e in examples} == {"math", "tool"}
-    assert all(e.thinking for e in examples)
-    assert max(len(e.ids) for e in examples) <= recipe.seq_len + 1
-    data = sft.SFTData(examples, recipe.seq_len, recipe.seed)
-    assert len(data) >= recipe.batch_size
+def test_rl_base_recipes_are_thinking_mode_and_fit_their_rows():
+    for name, domains in (("tiny-rl", {"math"}), ("tiny-rl-tool", {"math", "tool"})):
+        recipe = sft.RECIPES[name]
+        examples = sft.build_examples(recipe)
+        assert {e.domain for e in examples} == domains
+        assert all(e.thinking for e in examples)
+        assert max(len(e.ids) for e in examples) <= recipe.seq_len + 1
+        data = sft.SFTData(examples, recipe.seq_len, recipe.seed)
+        assert len(data) >= recipe.batch_size
 
 
 def test_rl_train_prompts_never_appear_in_the_heldout_set():
