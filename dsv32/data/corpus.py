@@ -178,18 +178,21 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> 
     return docs
 
 
+COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
 def copy_document(rng: random.Random, length: int, min_word: int = 3, max_word: int = 8) -> Document:
-    """Episodes "word word|" of random lowercase words, `length` characters in all: from the second letter
-    on, each repeat can only be predicted by finding the first copy and reading on (an induction head).
-    Such episodes grow induction heads within a few hundred steps, where passkey and key-value documents
-    alone, whose answers are a few tokens in hundreds, do not (the circuit every retrieval task reuses).
-    The answers are the repeats after their first letter."""
+    """Episodes "word word|" of random words (lowercase letters and digits: retrieval answers are digits),
+    `length` characters in all: from the second character on, each repeat can only be predicted by finding
+    the first copy and reading on (an induction head). Such episodes grow induction heads within a few
+    hundred steps, where passkey and key-value documents alone, whose answers are a few tokens in hundreds,
+    do not (the circuit every retrieval task reuses). The answers are the repeats after their first character."""
     if not 1 <= min_word <= max_word or length < 2 * max_word + 2:
         raise ValueError(f"corpus.py copy_document: need 1 <= min_word <= max_word and length >= 2 * max_word + 2 "
                          f"(got length={length}, min_word={min_word}, max_word={max_word})")
     text, answers = "", []
     while True:
-        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(min_word, max_word)))
+        word = "".join(rng.choice(COPY_ALPHABET) for _ in range(rng.randint(min_word, max_word)))
         if len(text) + 2 * len(word) + 2 > length:
             break
         text += word + " "
