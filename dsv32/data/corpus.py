@@ -181,23 +181,29 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> 
 COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
-def copy_document(rng: random.Random, length: int, min_word: int = 3, max_word: int = 8) -> Document:
-    """Episodes "word word|" of random words (lowercase letters and digits: retrieval answers are digits),
-    `length` characters in all: from the second character on, each repeat can only be predicted by finding
-    the first copy and reading on (an induction head). Such episodes grow induction heads within a few
-    hundred steps, where passkey and key-value documents alone, whose answers are a few tokens in hundreds,
-    do not (the circuit every retrieval task reuses). The answers are the repeats after their first character."""
-    if not 1 <= min_word <= max_word or length < 2 * max_word + 2:
-        raise ValueError(f"corpus.py copy_document: need 1 <= min_word <= max_word and length >= 2 * max_word + 2 "
-                         f"(got length={length}, min_word={min_word}, max_word={max_word})")
+def copy_document(rng: random.Random, length: int, min_word: int = 3, max_word: int = 8, max_words: int = 12
+                  ) -> Document:
+    """Episodes "w1 w2 .. wn / w1 w2 .. wn|" of 1 to `max_words` random words (lowercase letters and digits:
+    retrieval answers are digits), `length` characters in all. From its second character on, a repeat can
+    only be predicted by finding the first copy, up to ~100 tokens back, and reading on (an induction head).
+    Such episodes grow induction heads within a few hundred steps, where passkey and key-value documents
+    alone, whose answers are a few tokens in hundreds, do not (the circuit every retrieval task reuses).
+    The answers are the repeats after their first character."""
+    if not 1 <= min_word <= max_word or max_words < 1 or length < 2 * max_word + 4:
+        raise ValueError(f"corpus.py copy_document: need 1 <= min_word <= max_word, max_words >= 1 and length >= "
+                         f"2 * max_word + 4 (got length={length}, min_word={min_word}, max_word={max_word}, "
+                         f"max_words={max_words})")
     text, answers = "", []
     while True:
-        word = "".join(rng.choice(COPY_ALPHABET) for _ in range(rng.randint(min_word, max_word)))
-        if len(text) + 2 * len(word) + 2 > length:
-            break
-        text += word + " "
-        answers.append((len(text) + 1, len(text) + len(word)))
-        text += word + "|"
+        words = " ".join("".join(rng.choice(COPY_ALPHABET) for _ in range(rng.randint(min_word, max_word)))
+                         for _ in range(rng.randint(1, max_words)))
+        if len(text) + 2 * len(words) + 4 > length:
+            if " " not in words:
+                break
+            continue  # a shorter episode may still fit
+        text += words + " / "
+        answers.append((len(text) + 1, len(text) + len(words)))
+        text += words + "|"
     return Document(text, answers, "copy")
 
 
