@@ -142,14 +142,16 @@ class RLConfig:
 def tiny_math() -> RLConfig:
     """Issue 6's math bar: 10 minutes on 2 CPU cores from the `tiny-rl` SFT base (`dsv32.train.sft.RECIPES`).
     One minibatch of 32 prompts x 8 samples per step: a rollout is cheap next to the update, and a larger batch
-    per optimizer step is steadier than more, smaller steps at this learning rate."""
+    per optimizer step is steadier than more, smaller steps at this learning rate (16 prompts: train success
+    0.57 after 100 steps against 0.64 with 32). Measured: held-out 0.59 -> 0.72 in 284 steps (10 minutes)."""
     return RLConfig(name="tiny-math", domains={"math": 1}, prompts_per_step=32, minibatches=1, warmup_steps=10,
                     steps=400, minutes=10)
 
 
 def tiny_tool() -> RLConfig:
-    """Issue 6's tool bar: the calculator / lookup loop, 10 minutes. A tool conversation is ~3x a math one, so
-    16 prompts per step."""
+    """Issue 6's tool bar: the calculator / lookup loop, 10 minutes, from the `tiny-rl-tool` SFT base continued on
+    tool tasks alone (`dsv32.train.sft.RECIPES`). A tool conversation is ~3x a math one, so 16 prompts per step.
+    Measured: held-out tool success 0.505 -> 0.705 in 82 steps (10 minutes)."""
     return RLConfig(name="tiny-tool", domains={"tool": 1}, prompts_per_step=16, minibatches=1, warmup_steps=10,
                     max_tokens=48, steps=400, minutes=10)
 

@@ -70,7 +70,8 @@ RECIPES = {
     "tiny-rl": Recipe(domains={"math": 5}, mode="thinking", steps=300, batch_size=16, seq_len=256),
     # Math and tool use from the pipeline's pretrained tiny model (300 steps): math 0.24, tool success only 0.04
     # greedy and 0.004 sampled (the model does not yet copy names and numbers into calls and out of tool
-    # outputs), so GRPO groups on tool tasks have no reward variance: not yet a base for tiny-tool.
+    # outputs), so GRPO groups on tool tasks have no reward variance. Continued on tool alone (`--domains tool:3
+    # --steps 150 --lr 2e-3`), copying clicks: step 75 0.265, step 100 0.505 (the tiny-tool base).
     "tiny-rl-tool": Recipe(domains={"math": 5, "tool": 3}, mode="thinking", steps=300, batch_size=16, seq_len=256),
     # A few steps at a micro model: smoke runs and tests of the pipeline.
     "micro": Recipe(domains={"math": 2, "tool": 1, "logic": 1, "countdown": 1, "alignment": 1}, tasks_per_domain=4,
