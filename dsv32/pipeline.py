@@ -86,8 +86,10 @@ def tiny() -> PipelineConfig:
     rl = {**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}
     return PipelineConfig(
         name="tiny",
+        # The pipeline's base keeps the preset's init and no copy episodes (the DSA recipe's own defaults,
+        # init_std 0.1 + 2000 copy documents, aim at retrieval, which 150 steps do not reach anyway).
         recipe=dict(seq_len=512, batch_size=8, pretrain_steps=150, warmup_steps=40, sparse_steps=60,
-                    n_synthetic=600, eval_lengths=(256, 512), eval_n=6, val_rows=8),
+                    n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6, val_rows=8),
         sft=dict(recipe="tiny", steps=160),
         specialists=dict(domains=list(S.DOMAINS), steps=16, rl=rl,
                          by_domain={"tool": {"steps": 6, "rl": {"prompts_per_step": 4}}}),
@@ -114,7 +116,7 @@ def micro() -> PipelineConfig:
     return PipelineConfig(
         name="micro",
         recipe=dict(seq_len=320, batch_size=2, pretrain_steps=4, warmup_steps=3, sparse_steps=3, n_synthetic=8,
-                    eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
+                    n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
         sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
         specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl),
