@@ -37,3 +37,13 @@ def scale_weights(model, std: float = 0.3, seed: int = 0):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose workers run one each (spawned gloo ranks): the models are tiny,
+    and on a busy 2-core machine a second OpenMP thread makes their steps tens of times slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

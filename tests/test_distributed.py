@@ -29,14 +29,7 @@ from dsv32.train import TrainConfig, build_optimizer, checkpoint as train_checkp
 B, T, WORLD = 4, 24, 2  # T > make_config's top-k 8: sparse attention really selects
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread here as in each worker: the models are tiny, and on a busy 2-core machine a
-    second OpenMP thread makes these steps tens of times slower, not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model() -> Transformer:

@@ -28,13 +28,7 @@ from dsv32.rl.presets import get
 from dsv32.train import sft
 from test_distributed import _spawn
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _micro() -> Transformer:
