@@ -197,3 +197,24 @@ def test_epochs_reuse_the_rollout_against_the_same_pi_old(tmp_path):
     logs = trainer.train_step()
     # Pass 1 has ratio exactly 1; pass 2 sees the policy moved by pass 1, against the stored π_old.
     assert logs["is/ratio_max"] > 1.0 and logs["grad_norm"] > 0
+
+
+def test_cosine_lr_decay_runs_to_zero_by_the_end(tmp_path):
+    """lr_decay="cosine": the learning rate of each step falls from lr towards 0 over `steps` (or the time budget),
+    and the optimizer uses the logged value."""
+    trainer = GRPOTrainer(micro_model(), micro_cfg(steps=4, lr_decay="cosine", lr=1e-3), tmp_path)
+    seen = []
+    real_step = trainer.train_step
+
+    def step():
+        logs = real_step()
+        seen.append((logs["lr"], trainer.optimizer.param_groups[0]["lr"]))
+        return logs
+
+    trainer.train_step = step
+    trainer.train(resume=False, progress=False)
+    lrs = [logged for logged, _ in seen]
+    assert all(logged == used for logged, used in seen)
+    assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.2e-3
+    with pytest.raises(ValueError, match="lr_decay"):
+        micro_cfg(lr_decay="linear")

@@ -91,6 +91,7 @@ class GRPOTrainer:
         self.pool = self._pool()
         self.loss_cfg = cfg.loss           # its entropy coefficient adapts when cfg.entropy_target > 0
         self.cursor, self.step, self.before, self.stopped = 0, 0, None, None
+        self.progress = 0.0  # share of the run done: steps or time budget, whichever is further (lr_decay)
         self.metrics = metrics or Metrics(self.out)
         self.guard = None
         if cfg.guard is not None:
@@ -236,7 +237,8 @@ class GRPOTrainer:
 
     def _lr(self) -> float:
         warm = min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
-        return self.cfg.lr * warm * (self.guard.lr_scale if self.guard is not None else 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * min(self.progress, 1.0))) if self.cfg.lr_decay == "cosine" else 1.0
+        return self.cfg.lr * warm * decay * (self.guard.lr_scale if self.guard is not None else 1.0)
 
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.time()
@@ -340,6 +342,10 @@ class GRPOTrainer:
             if cfg.minutes and distributed.current().any(time.time() - t_start > 60 * cfg.minutes):
                 self.stopped = "time budget"
                 break
+            elapsed = time.time() - t_start
+            if cfg.lr_decay != "none":   # every rank uses the furthest rank's progress: one lr for the whole job
+                self.progress = max(distributed.current().gather(
+                    max(self.step / cfg.steps, elapsed / (60 * cfg.minutes) if cfg.minutes else 0.0)))
             logs = self.train_step()
             self.metrics.log(self.step, logs)
             if bar is not None:
