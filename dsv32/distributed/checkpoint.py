@@ -183,12 +183,7 @@ def save(out_dir, step: int, model: nn.Module, optimizer, data_state: dict, rng:
     out_dir = Path(out_dir)
     final = out_dir / f"step_{step:08d}"
     tmp = out_dir / f".tmp-{final.name}-dcp"
-    trainer = {"step": int(step), "data": data_state, "config": config_dict}
-    try:
-        trainer_text = json.dumps(trainer, indent=2)
-    except TypeError as e:
-        raise ValueError(f"checkpoint trainer state is not JSON-serialisable ({e}); the batches object's "
-                         "state_dict() and the config must hold only numbers, strings, lists and dicts") from None
+    trainer_text = train_checkpoint.trainer_json(step, data_state, config_dict)
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving this step
         tmp.mkdir(parents=True)

@@ -11,21 +11,13 @@ length per step) and `rl.md` with one row per RL run (the pipeline builds its ow
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ..io import atomic_write, pyplot, save_figure, write_json
 
 CURVES = (("reward/mean", "train reward"), ("eval/mean", "held-out accuracy (guard)"),
           ("train/success", "train success"), ("entropy", "entropy"), ("kl", "KL to reference"),
           ("completions/mean_length", "mean completion length"))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_metrics(path) -> list[dict]:
@@ -43,12 +35,8 @@ def read_metrics(path) -> list[dict]:
 
 def plot(rows: list[dict], out_png: Path, title: str) -> Path | None:
     """Curves of the CURVES metrics that the run logged; None (nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     present = [(k, label) for k, label in CURVES if any(isinstance(r.get(k), (int, float)) for r in rows)]
     if not present:
@@ -67,14 +55,7 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path | None:
             for ax in axes[0]:
                 ax.axvline(r["step"], color="red", alpha=0.4, lw=0.8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)
 
 
 def write(report_path, summary: dict, metrics_file=None, guard_demo: bool = False) -> dict:
@@ -108,8 +89,8 @@ def write(report_path, summary: dict, metrics_file=None, guard_demo: bool = Fals
         g = summary["guard"]
         rl["guard_demo"] = {"run": name, "fired": g["fired"], "rollbacks": g["rollbacks"], "alarms": g["alarms"],
                             "before": summary["before"], "after": summary["after"]}
-    _atomic_write(report_path, json.dumps(report, indent=2) + "\n")
-    _atomic_write(report_path.parent / "rl.md", markdown(report))
+    write_json(report_path, report)
+    atomic_write(report_path.parent / "rl.md", markdown(report))
     return report
 
 

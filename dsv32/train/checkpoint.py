@@ -46,18 +46,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainer_json(step: int, data_state: dict, config_dict: dict) -> str:
+    """`trainer.json` of a checkpoint: step, data cursor, resolved config; a clear error if any is not JSON."""
+    try:
+        return json.dumps({"step": int(step), "data": data_state, "config": config_dict}, indent=2)
+    except TypeError as e:
+        raise ValueError(f"checkpoint trainer state is not JSON-serialisable ({e}); the batches object's "
+                         "state_dict() and the config must hold only numbers, strings, lists and dicts") from None
+
+
 def save(out_dir, step: int, model, optimizer, data_state: dict, rng: dict, config_dict: dict,
          keep: int = 3) -> Path:
     """Write `out_dir/step_{step:08d}/` atomically, point `latest` at it, keep the newest `keep`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step:08d}"
-    trainer = {"step": int(step), "data": data_state, "config": config_dict}
-    try:
-        trainer_text = json.dumps(trainer, indent=2)
-    except TypeError as e:
-        raise ValueError(f"checkpoint trainer state is not JSON-serialisable ({e}); the batches object's "
-                         "state_dict() and the config must hold only numbers, strings, lists and dicts") from None
+    trainer_text = trainer_json(step, data_state, config_dict)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{final.name}-"))
     try:
         if hasattr(model, "save_pretrained"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..eval import indexer_recall, retrieval_accuracy
+from ..io import atomic_write, pyplot, save_figure, write_json
 from . import stages
 from .optim import TrainConfig
 
@@ -121,13 +122,7 @@ class RecipeRun:
     def _save_timeline(self) -> None:
         path = self.out / "timeline.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
-        _atomic_json(path, {**old, **self.timeline})
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+        write_json(path, {**old, **self.timeline})
 
 
 def update_report(out, section: str, value) -> dict:
@@ -135,7 +130,7 @@ def update_report(out, section: str, value) -> dict:
     path = Path(out) / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
     report[section] = value
-    _atomic_json(path, report)
+    write_json(path, report)
     return report
 
 
@@ -188,7 +183,7 @@ def run(recipe: Recipe, out, log=print) -> dict:
     r = recipe
     job = RecipeRun(r, out, log)
     out = job.out
-    _atomic_json(out / "recipe.json", asdict(r))
+    write_json(out / "recipe.json", asdict(r))
     val = validation_rows(r)
 
     base = job.stage("pretrain", "pretrain", None, r.pretrain_steps, r.pretrain_lr)
@@ -208,7 +203,7 @@ def run(recipe: Recipe, out, log=print) -> dict:
     warm = job.stage("dsa-warmup", "dsa-warmup", job.final("pretrain"), r.warmup_steps, r.warmup_lr, track_recall)
     curve_file = out / "dsa-warmup" / "recall_curve.json"
     if recall_curve:
-        _atomic_json(curve_file, recall_curve)
+        write_json(curve_file, recall_curve)
     elif curve_file.is_file():
         recall_curve = json.loads(curve_file.read_text())
     recall_stage1, recall_stage1_layers = mean_recall(warm, val)
@@ -298,19 +293,14 @@ def write_markdown(out: Path, dsa: dict) -> None:
         lines.append(f"| {s} | {dsa['steps'][s]} | {'' if sec is None else f'{sec:.0f}'} |")
     lines += ["", "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in dsa["checks"].items()), "",
               "![losses](dsa_loss.png) ![indexer](dsa_indexer.png) ![retrieval](dsa_retrieval.png)", ""]
-    tmp = out / "report_dsa.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out / "report_dsa.md")
+    atomic_write(out / "report_dsa.md", "\n".join(lines))
 
 
 def plot(out: Path, dsa: dict) -> None:
     """dsa_loss.png (training loss, sparse vs dense control), dsa_indexer.png (stage-1 KL and recall by
     step), dsa_retrieval.png (retrieval accuracy by length); skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("dense-control", "dense control"), ("dsa-sparse", "sparse (stage 2)")):
@@ -319,7 +309,7 @@ def plot(out: Path, dsa: dict) -> None:
         ax.plot([m["step"] for m in recs], [m.get(key, m["loss"]) for m in recs], label=label)
     ax.set(xlabel="step", ylabel="training LM loss", title="Stage 2: sparse vs dense on the same tokens")
     ax.legend()
-    _save(fig, out / "dsa_loss.png")
+    save_figure(fig, out / "dsa_loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     recs = [m for m in _read_metrics(out / "dsa-warmup" / "metrics.jsonl") if m.get("indexer_kl") is not None]
@@ -331,7 +321,7 @@ def plot(out: Path, dsa: dict) -> None:
              color="tab:orange", label="held-out recall")
     ax2.set(ylabel="recall of the attention mass", ylim=(0, 1))
     ax.set_title("Stage 1: the indexer learns dense attention")
-    _save(fig, out / "dsa_indexer.png")
+    save_figure(fig, out / "dsa_indexer.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     lengths = list(dsa["retrieval"])
@@ -342,17 +332,7 @@ def plot(out: Path, dsa: dict) -> None:
     ax.set(xlabel="context length (tokens)", ylabel="retrieval accuracy", ylim=(0, 1.05),
            title="Passkey and key-value retrieval")
     ax.legend()
-    _save(fig, out / "dsa_retrieval.png")
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, out / "dsa_retrieval.png")
 
 
 def main(argv: list[str]) -> int:
