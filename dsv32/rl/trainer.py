@@ -58,7 +58,7 @@ def policy_logprobs(model, batch: dict, entropy: bool = False, entropy_grad: boo
     """Per-token log-probs [B, T] of the sampled tokens with the sampler's kept sets (Keep Sampling Mask) and MoE
     routes (Keep Routing) replayed, and optionally the entropy [B, T] of that renormalised distribution."""
     limit = batch.get("vocab_limit")   # the sampler never drew ids >= the tokenizer's vocabulary: renormalise likewise
-    logits_BTV = model(batch["input_ids"], routes=batch["routes"]).float()[..., :limit]
+    logits_BTV = model(batch["input_ids"], routes=batch["routes"])[..., :limit].float()
     B, T_, V = logits_BTV.shape
     kept = batch["kept"] if batch["kept"] is None else batch["kept"][..., :V]
     lp = logprobs_over_kept(logits_BTV.reshape(-1, V), batch["targets"].reshape(-1),
