@@ -270,3 +270,44 @@ def test_natural_documents_do_not_depend_on_what_was_imported_before():
     after = subprocess.run([sys.executable, "-c", "import json.decoder, logging.handlers, email.mime; " + code],
                            capture_output=True, text=True, check=True).stdout
     assert plain == after and len(plain.strip()) == 40
+
+
+def test_pack_keeps_flagged_documents_whole_in_one_row():
+    """A retrieval document cut by a row boundary loses its needle or its question (before the fix about
+    half of the recipe's answer tokens sat in such cut pieces); flagged documents must stay whole."""
+    rng = random.Random(3)
+    L = 33
+    docs = [[rng.randrange(1, 200) for _ in range(rng.randrange(5, 32))] for _ in range(40)]
+    whole = [i % 3 != 0 for i in range(40)]  # every third document is free text, cut anywhere
+    weights = [[float(i)] * len(d) for i, d in enumerate(docs)]
+    ids, doc_ids, w = pack(docs, L - 1, random.Random(1), weights=weights, whole=whole)
+    assert ids.shape[1] == L and torch.equal(doc_ids < 0, ids == TOK.pad_id)
+    segments = []
+    for r in range(ids.shape[0]):
+        for s in doc_ids[r].unique().tolist():
+            if s >= 0:
+                m = doc_ids[r] == s
+                segments.append((ids[r][m].tolist(), w[r][m].tolist()))
+    for i, d in enumerate(docs):
+        if whole[i]:  # exactly one segment holds the document and its eos, weights alongside
+            assert [seg for seg, _ in segments].count(d + [TOK.eos_id]) == 1
+            assert (d + [TOK.eos_id], [float(i)] * len(d) + [1.0]) in segments
+    # The free documents keep their order as one stream and lose no token.
+    flagged = {tuple(d + [TOK.eos_id]) for i, d in enumerate(docs) if whole[i]}
+    free_stream = [t for r in range(ids.shape[0]) for s in doc_ids[r].unique().tolist() if s >= 0
+                   for t in ids[r][doc_ids[r] == s].tolist() if tuple(ids[r][doc_ids[r] == s].tolist()) not in flagged]
+    assert sorted(free_stream) == sorted(t for i, d in enumerate(docs) if not whole[i] for t in d + [TOK.eos_id])
+    # Best fit wastes little: padding below 10% of the rows here.
+    assert (doc_ids < 0).float().mean() < 0.1
+    # Without flags (or with none set) the packing is the plain cut stream.
+    plain = pack(docs, L - 1, random.Random(1))
+    assert torch.equal(pack(docs, L - 1, random.Random(1), whole=[False] * 40)[0], plain[0])
+    with pytest.raises(ValueError, match="whole"):
+        pack(docs, L - 1, whole=[True])
+    ds = PackedDataset.from_documents([passkey_document(random.Random(s), 150) for s in range(6)] + ["x" * 300],
+                                      TOK, seq_len=256, answer_weight=4.0)
+    for r in range(len(ds)):  # every answer (weight 4) sits in a segment holding its whole document
+        for s in ds.doc_ids_NL[r].unique().tolist():
+            m = ds.doc_ids_NL[r] == s
+            if (ds.weights_NL[r][m] == 4).any():
+                assert ds.input_ids_NL[r][m][-1] == TOK.eos_id and m.sum() == 151  # 150 characters + eos

@@ -12,6 +12,7 @@ Legend: N rows, L = seq_len + 1 tokens per row (inputs and shifted targets come 
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import inspect
 import random
@@ -217,7 +218,8 @@ def answer_weights(doc: Document, n_tokens: int, weight: float) -> list[float]:
 
 
 def pack(docs_token_lists: list[list[int]], seq_len: int, rng: random.Random | None = None, *,
-         eos_id: int = EOS_ID, pad_id: int = PAD_ID, weights: list[list[float]] | None = None):
+         eos_id: int = EOS_ID, pad_id: int = PAD_ID, weights: list[list[float]] | None = None,
+         whole: list[bool] | None = None):
     """Concatenate documents (each followed by eos, in an order shuffled by `rng`; None keeps it) and cut
     the stream into rows of L = seq_len + 1 tokens; the last row is padded with `pad_id`.
 
@@ -227,24 +229,71 @@ def pack(docs_token_lists: list[list[int]], seq_len: int, rng: random.Random | N
 
     weights: optional per-token loss weights, one list per document (the eos gets 1, padding 0); when
     given, a third tensor weights_NL is returned, packed exactly like the tokens.
+
+    whole: optional flag per document. A flagged document that fits one row (eos included) is never cut
+    by a row boundary: a retrieval question cut from its needle cannot be learned, only memorised. The
+    flagged documents are packed into rows best-fit (longest first), the room they leave is filled with
+    the stream of unflagged documents (cut anywhere, as without flags) or padded once it runs out, the
+    rows are shuffled by `rng`, and the rest of the stream follows as plain rows.
     """
+    n_docs = len(docs_token_lists)
     if weights is not None and [len(w) for w in weights] != [len(d) for d in docs_token_lists]:
         raise ValueError("corpus.py pack: weights must hold one weight per token of every document")
+    if whole is not None and len(whole) != n_docs:
+        raise ValueError(f"corpus.py pack: whole has {len(whole)} flags for {n_docs} documents; pass one per document")
     if seq_len < 1:
         raise ValueError(f"corpus.py pack: seq_len={seq_len}; pass seq_len >= 1")
-    order = list(range(len(docs_token_lists)))
+    L = seq_len + 1
+    order = list(range(n_docs))
     if rng is not None:
         rng.shuffle(order)
-    tokens, owner, wts = [], [], []
-    for i in order:
+
+    def pieces(i: int) -> tuple[list[int], list[int], list[float]]:
         doc = list(docs_token_lists[i]) + [eos_id]
-        tokens.extend(doc)
-        owner.extend([i] * len(doc))
-        if weights is not None:
-            wts.extend(list(weights[i]) + [1.0])
+        return doc, [i] * len(doc), (list(weights[i]) + [1.0]) if weights is not None else []
+
+    kept = [i for i in order if whole is not None and whole[i] and len(docs_token_lists[i]) + 1 <= L]
+    kept_set = set(kept)
+    free_t, free_o, free_w = [], [], []  # the unflagged documents as one stream, cut anywhere
+    for i in order:
+        if i not in kept_set:
+            t, o, w = pieces(i)
+            free_t += t
+            free_o += o
+            free_w += w
+    # Best fit, longest first: each flagged document goes to the row with the least room that holds it
+    # (few padded tokens); `sorted` is stable, so equal lengths keep the shuffled order.
+    rows_docs: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(kept, key=lambda i: -len(docs_token_lists[i])):
+        need = len(docs_token_lists[i]) + 1
+        j = bisect.bisect_left(rooms, (need, -1))
+        if j == len(rooms):
+            rows_docs.append([i])
+            room, row = L - need, len(rows_docs) - 1
+        else:
+            room, row = rooms.pop(j)
+            rows_docs[row].append(i)
+            room -= need
+        bisect.insort(rooms, (room, row))
+    rows: list[tuple[list[int], list[int], list[float]]] = []
+    used = 0  # free tokens placed so far
+    for docs_in_row in rows_docs:  # each row: its flagged documents, then free tokens, then padding
+        t, o, w = [], [], []
+        for i in docs_in_row:
+            a, b, c = pieces(i)
+            t, o, w = t + a, o + b, w + c
+        take = min(L - len(t), len(free_t) - used)
+        t, o, w = t + free_t[used:used + take], o + free_o[used:used + take], w + free_w[used:used + take]
+        used += take
+        rows.append((t + [pad_id] * (L - len(t)), o + [-1] * (L - len(o)), w + [0.0] * (L - len(t))))
+    if rng is not None and rows:
+        rng.shuffle(rows)
+    tokens = [x for r in rows for x in r[0]] + free_t[used:]
+    owner = [x for r in rows for x in r[1]] + free_o[used:]
+    wts = [x for r in rows for x in r[2]] + free_w[used:]
     if not tokens:
         raise ValueError("corpus.py pack: no documents to pack; pass at least one non-empty token list")
-    L = seq_len + 1
     n = -(-len(tokens) // L)
     pad = n * L - len(tokens)
     ids_NL = torch.tensor(tokens + [pad_id] * pad, dtype=torch.long).view(n, L)

@@ -84,14 +84,16 @@ class PackedDataset:
     def from_documents(cls, docs: list, tokenizer: ByteTokenizer, seq_len: int, seed: int = 0,
                        answer_weight: float = 1.0):
         """Texts and synthetic `Document`s packed together; the answer spans of the Documents weigh
-        `answer_weight` in the loss (batches then carry "loss_weights")."""
+        `answer_weight` in the loss (batches then carry "loss_weights"). A Document that fits one row is
+        never cut by a row boundary (`corpus.pack` whole=); texts fill the gaps."""
         from .corpus import Document, answer_weights
 
         tokens = [tokenizer.encode(d.text if isinstance(d, Document) else d) for d in docs]
         weights = [answer_weights(d, len(t), answer_weight) if isinstance(d, Document) else [1.0] * len(t)
                    for d, t in zip(docs, tokens)]
         ids, doc_ids, w = pack(tokens, seq_len, random.Random(seed), eos_id=tokenizer.eos_id,
-                               pad_id=tokenizer.pad_id, weights=weights)
+                               pad_id=tokenizer.pad_id, weights=weights,
+                               whole=[isinstance(d, Document) for d in docs])  # no question cut from its needle
         return cls(ids, doc_ids, seed, w if answer_weight != 1.0 else None)
 
     def __len__(self) -> int:
