@@ -9,7 +9,8 @@ checkpoints):
 
     pretrain, dsa-warmup, dsa-sparse, dense-control   the DSA recipe (`dsv32.train.recipe`; its `dsa` report)
     sft                    cold start on generated tasks, all domains, both modes, sparse attention -> `base`
-    specialist-<domain>    GRPO per domain (math, tool, logic, alignment) from `base`, both modes in one run
+    specialist-<domain>    per domain (math, tool, logic, alignment) from `base`: SFT on the domain's worked traces
+                           (both modes), then GRPO in both modes (its before/after kept: what the RL added)
     generate               each specialist answers its domain's training prompts in both modes: best of N,
                            verified, deduplicated JSONL records + statistics
     distill                one generalist: SFT of `base` on the union (optionally on-policy reverse KL)
@@ -44,13 +45,15 @@ class PipelineConfig:
     name: str = "tiny"
     recipe: dict = field(default_factory=dict)       # dsv32.train.recipe.Recipe fields
     sft: dict = field(default_factory=dict)          # recipe (a dsv32.train.sft.RECIPES name) + Recipe fields
-    specialists: dict = field(default_factory=dict)  # domains, steps, rl {RLConfig overrides},
-    #                                                  by_domain {domain: {steps, rl}} (over the common ones)
+    specialists: dict = field(default_factory=dict)  # domains, steps (RL), rl {RLConfig overrides}, sft {Recipe
+    #                                                  fields of the domain SFT before the RL; {} = none},
+    #                                                  by_domain {domain: {steps, rl, sft}} (over the common ones)
     generate: dict = field(default_factory=dict)     # GenerateConfig fields, by_domain {domain: {fields}}
     distill: dict = field(default_factory=dict)      # steps (at most) epochs lr batch_size seq_len warmup_steps
     #                                                  on_policy_steps
     mixed: dict = field(default_factory=dict)        # steps, rl {RLConfig overrides}
-    speciale: dict = field(default_factory=dict)     # steps, rl {RLConfig overrides}
+    speciale: dict = field(default_factory=dict)     # steps, rl {RLConfig overrides}, sft {Recipe fields of the
+    #                                                  reasoning-data SFT before the RL; absent = none}
     eval: dict = field(default_factory=dict)         # n, max_tokens, max_batch
 
     def replace(self, **dotted) -> "PipelineConfig":
@@ -76,29 +79,34 @@ class PipelineConfig:
                 "distill", "mixed-rl", "speciale", "eval", "report")
 
 
-_EVAL_RL = {"eval_n": 32}   # the RL runs' own before/after check; the pipeline's eval stage is the real one
+_EVAL_RL = {"eval_n": 48}   # the RL runs' own before/after check; the pipeline's eval stage is the real one
 
 
 def tiny() -> PipelineConfig:
-    """The `make demo` run: the tiny model through every stage, budgeted for about 25 minutes of one CPU core
-    (measured stage by stage: the DSA recipe ~6.5 min, SFT ~5, specialists ~4, data ~2, the rest ~6). Tool
-    prompts carry the tool schemas (~400 byte tokens), so the tool specialist gets fewer, smaller steps."""
-    rl = {**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48}
+    """The `make demo` run: the tiny model through every stage in about 25 minutes of a 2-core CPU.
+
+    V3.2's shape at tiny scale: one shared cold-start SFT on every domain (`base`, also the distillation start);
+    each specialist is `base` fine-tuned on its own domain's worked traces (both modes), then GRPO (its own
+    before/after in the report); the specialists' verified answers (best of N, both modes) distill into one
+    generalist; one mixed RL stage; Speciale (math only, relaxed length penalty, β = 0). The DSA recipe is cut
+    to what the pipeline needs (a sparse base; its own bars belong to `dsv32 dsa-recipe`)."""
+    rl = {**_EVAL_RL, "prompts_per_step": 8, "max_tokens": 48, "warmup_steps": 2}
     return PipelineConfig(
         name="tiny",
         # The pipeline's base keeps the preset's init and no copy episodes (the DSA recipe's own defaults,
         # init_std 0.1 + 2000 copy documents, aim at retrieval, which 150 steps do not reach anyway).
-        recipe=dict(seq_len=512, batch_size=8, pretrain_steps=150, warmup_steps=40, sparse_steps=60,
+        recipe=dict(seq_len=512, batch_size=8, pretrain_steps=150, warmup_steps=40, sparse_steps=30,
                     n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6, val_rows=8),
-        sft=dict(recipe="tiny", steps=160),
-        specialists=dict(domains=list(S.DOMAINS), steps=16, rl=rl,
-                         by_domain={"tool": {"steps": 6, "rl": {"prompts_per_step": 4}}}),
-        generate=dict(prompts=96, samples=4, temperature=0.8, max_tokens=48,
-                      by_domain={"math": {"prompts": 160}, "tool": {"prompts": 24}}),
-        distill=dict(steps=80, epochs=3, lr=1e-3, batch_size=8, seq_len=600, warmup_steps=5, on_policy_steps=0),
+        sft=dict(recipe="tiny-base"),
+        specialists=dict(domains=list(S.DOMAINS), steps=10, rl=rl,
+                         sft=dict(steps=80, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=5,
+                                  tasks_per_domain=600),
+                         by_domain={"tool": {"rl": {"prompts_per_step": 4}}}),
+        generate=dict(prompts=600, samples=2, temperature=0.8, max_tokens=48),
+        distill=dict(steps=240, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0),
         mixed=dict(steps=12, rl=rl),
-        speciale=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 8}),
-        eval=dict(n=48, max_tokens=64, max_batch=64),
+        speciale=dict(steps=30, rl={**_EVAL_RL, "prompts_per_step": 8, "warmup_steps": 2}),
+        eval=dict(n=150, max_tokens=64, max_batch=64),
     )
 
 
@@ -119,11 +127,14 @@ def micro() -> PipelineConfig:
                     n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
         sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
-        specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl),
+        specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl,
+                         sft=dict(steps=2, lr=2e-3, batch_size=1, seq_len=480, warmup_steps=1, tasks_per_domain=4)),
         generate=dict(prompts=16, samples=4, temperature=0.7, max_tokens=24, max_turns=2),
         distill=dict(steps=3, lr=2e-3, batch_size=2, seq_len=640, warmup_steps=1, on_policy_steps=0),
         mixed=dict(steps=2, rl=rl),
-        speciale=dict(steps=1, rl={k: v for k, v in rl.items() if k != "max_tokens"}),
+        speciale=dict(steps=1, rl={k: v for k, v in rl.items() if k != "max_tokens"},
+                      sft=dict(domains={"math": 1}, mode="thinking", check=True, steps=1, batch_size=1, seq_len=480,
+                               warmup_steps=1, tasks_per_domain=4)),
         eval=dict(n=3, max_tokens=12, max_batch=16),
     )
 
@@ -285,9 +296,15 @@ class Pipeline:
         sp = self.cfg.specialists
         own = sp.get("by_domain", {}).get(domain, {})
         steps, rl = own.get("steps", sp["steps"]), {**sp.get("rl", {}), **own.get("rl", {})}
+        sft = {**sp.get("sft", {}), **own.get("sft", {})}
         r = S.train_specialist(domain, self.final("sft"), self.out / f"specialist-{domain}", steps, rl,
-                               report=self.out / "report.json", log=self.log)
-        return {"rl": _rl_summary(r), "change": param_change(self.final("sft"), self.final(f"specialist-{domain}"))}
+                               report=self.out / "report.json", log=self.log, sft=sft or None)
+        out = {"rl": _rl_summary(r), "change": param_change(self.final("sft"), self.final(f"specialist-{domain}"))}
+        if r["sft"]:
+            out["sft"] = r["sft"]
+            out["note"] = (f"SFT {r['sft']['steps']} steps, then RL held-out {r['before']:.2f} -> {r['after']:.2f} "
+                           f"in {r['steps']} steps")
+        return out
 
     def _generate(self) -> dict:
         from .distill.generate import generate, stats_path, write_jsonl
@@ -347,10 +364,15 @@ class Pipeline:
     def _speciale(self) -> dict:
         from .train.stages import build_model
 
-        model = build_model(init_from=self.final("mixed-rl"))
+        start, summary = self.final("mixed-rl"), {}
+        if self.cfg.speciale.get("sft"):   # reasoning data only (math traces, thinking mode), before the RL
+            summary["sft"] = S.domain_sft("math", start, self.out / "speciale" / "sft", self.cfg.speciale["sft"],
+                                          self.log, name="speciale")
+            start = self.out / "speciale" / "sft" / "final"
+        model = build_model(init_from=start)
         r = S.run_rl(model, speciale_config(self.cfg), self.out / "speciale" / "rl", self.out / "report.json", self.log)
         model.save_pretrained(self.final("speciale"))
-        return {"rl": _rl_summary(r), "change": param_change(self.final("mixed-rl"), self.final("speciale"))}
+        return {**summary, "rl": _rl_summary(r), "change": param_change(self.final("mixed-rl"), self.final("speciale"))}
 
     def _eval(self) -> dict:
         from .eval.suites import evaluate_suites, heldout_tasks

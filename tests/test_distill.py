@@ -82,6 +82,25 @@ def test_non_thinking_records_carry_no_reasoning_and_tool_transcripts_round_trip
     assert "<think>" not in TOK.decode([t for t, m in zip(ex.ids, ex.mask) if m])
 
 
+def test_direct_records_fill_missing_non_thinking_answers_without_reasoning():
+    a, b = T.make_tasks("math", 2)
+    think = [[f"{t.solution}</think>{t.answer}{EOS}" for t in (a, b)]]
+    direct = [[f"{b.answer}{EOS}"] * 2]   # prompt a: no direct answer; prompt b: a verified one
+    rt, _ = G.best_of_n(rollout(ScriptedEngine(think), TOK, [a, b], group_size=1, params=SamplingParams(),
+                                thinking=True), 1, "math", "s")
+    rn, _ = G.best_of_n(rollout(ScriptedEngine(direct), TOK, [a, b], group_size=1, params=SamplingParams(),
+                                thinking=False), 1, "math", "s")
+    assert len(rt) == 2 and len(rn) == 1
+    [extra] = G.direct_records(rt + rn)
+    assert extra["messages"][0]["content"] == a.prompt and extra["mode"] == "non_thinking"
+    assert extra["reasoning_content"] is None and extra["from_mode"] == "thinking"
+    assert all("reasoning_content" not in m for m in extra["messages"])
+    assert T.verify(a, extra["messages"][-1]["content"])
+    ex = sft.record_example(json.loads(json.dumps(extra)), TOK)   # trained as a direct answer: no reasoning
+    trained = TOK.decode([t for t, m in zip(ex.ids, ex.mask) if m])
+    assert not ex.thinking and trained == a.answer + EOS
+
+
 def test_duplicate_prompts_are_dropped():
     [a] = T.make_tasks("logic", 1)
     reply = f"{a.solution}</think>{a.answer}{EOS}"

@@ -53,6 +53,12 @@ def test_every_stage_ran_and_changed_its_model(run):
     assert any(not torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
     for stage in ("sft", "specialist-math", "distill", "mixed-rl", "speciale"):   # post-training stays sparse
         assert json.loads((out / stage / "final" / "config.json").read_text())["dsv32"]["attn_mode"] == "sparse"
+    for d in DOMAINS:   # each specialist: its domain SFT from base, then RL from that SFT (both on record)
+        stage = report["stages"][f"specialist-{d}"]
+        assert stage["sft"]["steps"] == CFG.specialists["sft"]["steps"] and stage["sft"]["examples"] > 0
+        assert (out / f"specialist-{d}" / "sft" / "final" / "config.json").is_file()
+        assert {"before", "after", "steps"} <= set(stage["rl"])
+    assert report["stages"]["speciale"]["sft"]["steps"] == CFG.speciale["sft"]["steps"]
 
 
 def test_report_holds_eval_timeline_dsa_rl_and_plots(run):
@@ -127,6 +133,26 @@ def test_speciale_config_differs_from_the_generalist_as_specified():
     assert spec.thinking is True and gen.thinking == "both"
     with pytest.raises(ValueError, match="larger length budget"):
         pipeline.speciale_config(p.replace(**{"speciale.rl.max_tokens": 16, "speciale.rl.length_budget": 16}))
+
+
+def test_speciale_traces_check_every_step_back_to_the_first_number():
+    from dsv32.train.sft import task_examples
+
+    for difficulty in (1, 2, 3):
+        for task in T.make_tasks("math", 20, difficulty=difficulty):
+            lines = T.checked_solution(task).split("\n")
+            forward = task.solution.split("\n")
+            assert lines[:len(forward)] == forward and len(lines) == 2 * len(forward)
+            for line in lines:   # every line is true arithmetic
+                expr, value = line.split("=")
+                assert T.evaluate(expr)[0] == int(value), line
+            assert lines[-1].split("=")[1] == forward[0].split("+")[0].split("-")[0].split("*")[0]
+            plain = T.task_messages(task, thinking=True)
+            assert plain[-1]["reasoning_content"] == task.solution   # the default traces are unchanged
+    assert T.checked_solution(T.make_tasks("logic", 1)[0]) is None
+    plain, checked = (task_examples({"math": 1}, 8, [True, False], check=c) for c in (False, True))
+    assert all(len(c.ids) > len(p.ids) for c, p in zip(checked, plain) if c.thinking)
+    assert all(c.ids == p.ids for c, p in zip(checked, plain) if not c.thinking)
 
 
 def test_bad_configs_name_the_problem(tmp_path, capsys):

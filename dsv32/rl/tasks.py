@@ -25,6 +25,7 @@ import hashlib
 import json
 import operator
 import random
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -340,11 +341,31 @@ def verify(task: Task, answer: str) -> bool:
     return _norm(answer) == _norm(task.answer)
 
 
-def task_messages(task: Task, *, thinking: bool) -> list[dict]:
+_STEP = re.compile(r"^(\d+)([-+*])(\d+)=(\d+)$")
+_UNDO = {"+": "-", "-": "+", "*": "/"}
+
+
+def checked_solution(task: Task) -> str | None:
+    """A chain solution followed by its self-check: every step undone from the answer back to the first number
+    (`7+8=15\n15-3=12` -> `...\n12+3=15\n15-8=7`), DeepSeekMath-V2's self-verification at byte scale; the
+    longer reasoning the Speciale data uses. None for a solution that is not a chain of `a op b = c` lines.
+
+    >>> checked_solution(Task("What is 7+8-3?", "12", "math", solution="7+8=15\n15-3=12"))
+    '7+8=15\n15-3=12\n12+3=15\n15-8=7'
+    """
+    steps = [_STEP.match(line) for line in (task.solution or "").split("\n")]
+    if not steps or not all(steps):
+        return None
+    undo = [f"{m[4]}{_UNDO[m[2]]}{m[3]}={m[1]}" for m in reversed(steps)]
+    return "\n".join([task.solution, *undo])
+
+
+def task_messages(task: Task, *, thinking: bool, check: bool = False) -> list[dict]:
     """The conversation a task's worked solution makes, in the chat template's message format.
 
-    Thinking mode puts `solution` in `reasoning_content`; tool tasks become call -> tool output -> answer
-    (reasoning kept across the tool turn, as V3.2 does, rl-distill-anchors.md §1.6).
+    Thinking mode puts `solution` in `reasoning_content` (with `check`, the self-checked chain of
+    `checked_solution` where there is one); tool tasks become call -> tool output -> answer (reasoning kept
+    across the tool turn, as V3.2 does, rl-distill-anchors.md §1.6).
     """
     msgs: list[dict] = [{"role": "user", "content": task.prompt}]
     calls = task.meta.get("calls")
@@ -359,8 +380,8 @@ def task_messages(task: Task, *, thinking: bool) -> list[dict]:
         msgs.append({"role": "assistant", "content": task.answer,
                      "reasoning_content": f"so {task.answer}" if thinking else None})
         return msgs
-    msgs.append({"role": "assistant", "content": task.answer,
-                 "reasoning_content": (task.solution or "") if thinking else None})
+    reasoning = (check and checked_solution(task)) or task.solution or ""
+    msgs.append({"role": "assistant", "content": task.answer, "reasoning_content": reasoning if thinking else None})
     return msgs
 
 

@@ -58,6 +58,7 @@ class Recipe:
     seq_len: int = 600
     warmup_steps: int = 20
     seed: int = 0
+    check: bool = False   # thinking traces of chain tasks end with their self-check (`rl.tasks.checked_solution`)
 
 
 RECIPES = {
@@ -73,6 +74,10 @@ RECIPES = {
     # outputs), so GRPO groups on tool tasks have no reward variance. Continued on tool alone (`--domains tool:3
     # --steps 150 --lr 2e-3`), copying clicks: step 75 0.265, step 100 0.505 (the tiny-tool base).
     "tiny-rl-tool": Recipe(domains={"math": 5, "tool": 3}, mode="thinking", steps=300, batch_size=16, seq_len=256),
+    # The `dsv32 pipeline --preset tiny` base (shared cold start of the specialists and the distillation): the
+    # four specialist domains in both modes, math weighted up (the slowest to learn), rows of 256.
+    "tiny-base": Recipe(domains={"math": 6, "tool": 2, "logic": 2, "alignment": 2}, steps=300, batch_size=16,
+                        seq_len=256),
     # A few steps at a micro model: smoke runs and tests of the pipeline.
     "micro": Recipe(domains={"math": 2, "tool": 1, "logic": 1, "countdown": 1, "alignment": 1}, tasks_per_domain=4,
                     steps=4, batch_size=2, seq_len=480, warmup_steps=1),
@@ -95,9 +100,10 @@ def encode(messages: list[dict], tokenizer, *, thinking: bool, tools=None, domai
 
 
 def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool], *, seed: int = 0,
-                  difficulty: int = 1, tokenizer=None) -> list[Example]:
+                  difficulty: int = 1, tokenizer=None, check: bool = False) -> list[Example]:
     """Worked solutions of `n_per_domain * weight` generated training tasks per domain, in each mode; a domain
-    with fewer distinct training tasks repeats them (so the weights still set the mix)."""
+    with fewer distinct training tasks repeats them (so the weights still set the mix). `check`: thinking
+    traces carry their self-check (`rl.tasks.task_messages`)."""
     from ..rl import tasks as T
 
     tokenizer = tokenizer or ByteTokenizer()
@@ -105,7 +111,7 @@ def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool],
     for domain, weight in domains.items():
         want = n_per_domain * weight
         pool = T.make_tasks(domain, want, split="train", seed=seed, difficulty=difficulty, allow_fewer=True)
-        encoded = [encode(T.task_messages(task, thinking=thinking), tokenizer, thinking=thinking,
+        encoded = [encode(T.task_messages(task, thinking=thinking, check=check), tokenizer, thinking=thinking,
                           tools=T.tools_for(task), domain=domain) for task in pool for thinking in modes]
         out += [encoded[k % len(encoded)] for k in range(want * len(modes))]
     return out
@@ -338,7 +344,7 @@ def build_examples(recipe: Recipe, data_files=(), tokenizer=None) -> list[Exampl
     tok = tokenizer or ByteTokenizer()
     modes = {"both": [True, False], "thinking": [True], "non-thinking": [False]}[recipe.mode]
     examples = task_examples(recipe.domains, recipe.tasks_per_domain, modes, seed=recipe.seed,
-                             difficulty=recipe.difficulty, tokenizer=tok) if recipe.domains else []
+                             difficulty=recipe.difficulty, tokenizer=tok, check=recipe.check) if recipe.domains else []
     for path in data_files:
         for row in read_records(path):
             try:
