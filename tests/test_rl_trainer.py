@@ -218,3 +218,9 @@ def test_cosine_lr_decay_runs_to_zero_by_the_end(tmp_path):
     assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.2e-3
     with pytest.raises(ValueError, match="lr_decay"):
         micro_cfg(lr_decay="linear")
+
+
+def test_adam_betas_reach_the_optimizer(tmp_path):
+    trainer = GRPOTrainer(micro_model(), micro_cfg(betas=[0.9, 0.999]), tmp_path)
+    assert all(g["betas"] == (0.9, 0.999) for g in trainer.optimizer.param_groups)
+    assert get("tiny-math").betas == (0.9, 0.95)   # the loop's default, unchanged

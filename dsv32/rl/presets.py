@@ -57,6 +57,7 @@ class RLConfig:
     lr: float = 1e-4                   # see the module docstring: 2e-4 already degrades a tiny SFT'd model
     warmup_steps: int = 2
     weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)        # AdamW (β1, β2)
     grad_clip: float = 1.0
     steps: int = 60                    # rollout steps (each: minibatches optimizer steps)
     minutes: float = 0.0               # wall-clock budget of the training loop; 0 = none

@@ -100,7 +100,8 @@ class GRPOTrainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        tcfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, out_dir=str(self.out))
+        tcfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), grad_clip=cfg.grad_clip,
+                           out_dir=str(self.out))
         # The indexer learns only from its own KL (DSA stage 2), never from the policy loss: frozen here.
         return build_optimizer(self.model, tcfg, [ParamGroup("main", lambda n: ".indexer." not in n)])
 
