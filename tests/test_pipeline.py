@@ -140,9 +140,9 @@ def test_speciale_traces_check_every_step_back_to_the_first_number():
 
     for difficulty in (1, 2, 3):
         for task in T.make_tasks("math", 20, difficulty=difficulty):
-            lines = T.checked_solution(task).split("\n")
+            *lines, so = T.checked_solution(task).split("\n")
             forward = task.solution.split("\n")
-            assert lines[:len(forward)] == forward and len(lines) == 2 * len(forward)
+            assert lines[:len(forward)] == forward and len(lines) == 2 * len(forward) and so == f"so {task.answer}"
             for line in lines:   # every line is true arithmetic
                 expr, value = line.split("=")
                 assert T.evaluate(expr)[0] == int(value), line

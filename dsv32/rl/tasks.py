@@ -346,18 +346,19 @@ _UNDO = {"+": "-", "-": "+", "*": "/"}
 
 
 def checked_solution(task: Task) -> str | None:
-    """A chain solution followed by its self-check: every step undone from the answer back to the first number
-    (`7+8=15\n15-3=12` -> `...\n12+3=15\n15-8=7`), DeepSeekMath-V2's self-verification at byte scale; the
-    longer reasoning the Speciale data uses. None for a solution that is not a chain of `a op b = c` lines.
+    """A chain solution followed by its self-check: every step undone from the result back to the first number,
+    then the result restated (`7+8=15\n15-3=12` -> `...\n12+3=15\n15-8=7\nso 12`), DeepSeekMath-V2's
+    self-verification at byte scale; the longer reasoning the Speciale data uses. None for a solution that is not
+    a chain of `a op b = c` lines.
 
     >>> checked_solution(Task("What is 7+8-3?", "12", "math", solution="7+8=15\n15-3=12"))
-    '7+8=15\n15-3=12\n12+3=15\n15-8=7'
+    '7+8=15\n15-3=12\n12+3=15\n15-8=7\nso 12'
     """
     steps = [_STEP.match(line) for line in (task.solution or "").split("\n")]
     if not steps or not all(steps):
         return None
     undo = [f"{m[4]}{_UNDO[m[2]]}{m[3]}={m[1]}" for m in reversed(steps)]
-    return "\n".join([task.solution, *undo])
+    return "\n".join([task.solution, *undo, f"so {steps[-1][4]}"])
 
 
 def task_messages(task: Task, *, thinking: bool, check: bool = False) -> list[dict]:
