@@ -311,3 +311,14 @@ def test_pack_keeps_flagged_documents_whole_in_one_row():
             m = ds.doc_ids_NL[r] == s
             if (ds.weights_NL[r][m] == 4).any():
                 assert ds.input_ids_NL[r][m][-1] == TOK.eos_id and m.sum() == 151  # 150 characters + eos
+
+
+def test_retrieval_documents_take_a_cycle_of_kinds():
+    from dsv32.data.corpus import retrieval_documents
+
+    docs = retrieval_documents(2, 40, 140, 255, kinds=("passkey", "kv_recall"))
+    assert [d.kind for d in docs] == ["passkey", "kv_recall"] * 20
+    pairs = {d.text.count(": ") for d in docs if d.kind == "kv_recall"}
+    assert max(pairs) >= 4 and all(len(d.text) <= 255 for d in docs)  # the evaluation's 4 pairs are covered
+    with pytest.raises(ValueError, match="kinds"):
+        retrieval_documents(2, 4, 140, 255, kinds=("passkey", "needle"))

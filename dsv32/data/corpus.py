@@ -154,25 +154,32 @@ def synthetic_documents(seed: int, n: int, length: int, n_pairs: int = 8) -> lis
 MIN_RETRIEVAL_LENGTH = 140  # the longest fixed part: a one-hop chain with one distractor (133 characters)
 
 
-def retrieval_documents(seed: int, n: int, min_length: int, max_length: int) -> list[Document]:
+RETRIEVAL_MIX = ("passkey", "passkey", "kv_recall", "kv_recall", "multihop")
+
+
+def retrieval_documents(seed: int, n: int, min_length: int, max_length: int, kinds: tuple = RETRIEVAL_MIX
+                        ) -> list[Document]:
     """n long-range documents of random lengths in [min_length, max_length], so that the needle sits at every
     distance from its question: passkeys, key-value recall with several queries each (most answer tokens per
-    document), and multi-hop chains (one hop below 200 characters, where two do not fit), mixed 2:2:1 and
-    reproducible from `seed`."""
+    document), and multi-hop chains (one hop below 200 characters, where two do not fit). Document i is of
+    kind `kinds[i % len(kinds)]` (default 2:2:1); reproducible from `seed`."""
     if not MIN_RETRIEVAL_LENGTH <= min_length <= max_length:
         raise ValueError(f"corpus.py retrieval_documents: need {MIN_RETRIEVAL_LENGTH} <= min_length <= max_length "
                          f"(got {min_length}, {max_length})")
+    unknown = sorted(set(kinds) - {"passkey", "kv_recall", "multihop"})
+    if not kinds or unknown:
+        raise ValueError(f"corpus.py retrieval_documents: kinds={kinds!r}; use passkey, kv_recall and multihop")
     rng = random.Random(seed)
     docs = []
     for i in range(n):
         length = rng.randint(min_length, max_length)
-        kind = i % 5
-        if kind < 2:
+        kind = kinds[i % len(kinds)]
+        if kind == "passkey":
             docs.append(passkey_document(rng, length))
-        elif kind < 4:
-            # about 35 characters per query and 16 per pair: fill at most half of the document with them
+        elif kind == "kv_recall":
+            # about 37 characters per query and 16 per pair: up to 8 queries, pairs as many as fit (up to 8)
             n_queries = rng.randint(2, max(2, min(8, length // 140)))
-            n_pairs = rng.randint(n_queries, max(n_queries, min(12, length // 64)))
+            n_pairs = rng.randint(n_queries, max(n_queries, min(8, (length - 38 * n_queries) // 16)))
             docs.append(kv_recall_document(rng, length, n_pairs, n_queries))
         else:
             docs.append(multihop_document(rng, length, hops=rng.randint(1, 2 if length >= 200 else 1), n_distractors=1))

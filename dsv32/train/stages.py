@@ -131,16 +131,17 @@ VAL_EVERY = 20  # every 20th natural document is held out for validation, never 
 
 def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                     max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                    n_copy: int = 0):
+                    n_copy: int = 0, kinds: tuple | None = None):
     """The natural documents of `split` (stdlib docstrings) and synthetic long-range `Document`s.
 
     Synthetic documents are either all `synthetic_length` long (default: one packed row), or, with
     `min_synthetic_length`, of random lengths up to one row, so needles sit at every distance. The "val"
     split holds out every VAL_EVERY-th natural document and draws its synthetic documents from another seed.
-    `n_copy` adds that many copy-episode documents of up to one row (`corpus.copy_document`).
+    `n_copy` adds that many copy-episode documents of up to one row (`corpus.copy_document`); `kinds` is the
+    cycle of synthetic kinds with `min_synthetic_length` (default `corpus.RETRIEVAL_MIX`).
     """
     from ..data import natural_documents, synthetic_documents
-    from ..data.corpus import MIN_RETRIEVAL_LENGTH, copy_document, retrieval_documents
+    from ..data.corpus import MIN_RETRIEVAL_LENGTH, RETRIEVAL_MIX, copy_document, retrieval_documents
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
@@ -159,20 +160,20 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
     if min_synthetic_length is not None:
         top = synthetic_length or max(seq_len - 1, MIN_RETRIEVAL_LENGTH)
         low = min(max(min_synthetic_length, MIN_RETRIEVAL_LENGTH), top)
-        return texts + retrieval_documents(synth_seed, n_synthetic, low, top)
+        return texts + retrieval_documents(synth_seed, n_synthetic, low, top, tuple(kinds or RETRIEVAL_MIX))
     length = synthetic_length or max(seq_len - 1, 384)  # (fixed-length documents need 384: very short rows cut them)
     return texts + synthetic_documents(synth_seed, n_synthetic, length)
 
 
 def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                   max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                  answer_weight: float = 1.0, n_copy: int = 0):
+                  answer_weight: float = 1.0, n_copy: int = 0, kinds: tuple | None = None):
     """Packed rows of natural documents mixed with synthetic long-range documents (`build_documents`);
     answer spans weigh `answer_weight` in the LM loss."""
     from ..data import ByteTokenizer, PackedDataset
 
     docs = build_documents(seq_len, seed, n_synthetic, synthetic_length, max_natural, split, min_synthetic_length,
-                           n_copy)
+                           n_copy, kinds)
     return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
 
 
