@@ -18,7 +18,7 @@ MICRO = {"n_layers": 2, "dim": 64, "inter_dim": 128, "moe.moe_inter_dim": 32, "m
 
 
 def _micro(**kw) -> recipe.Recipe:
-    base = dict(seq_len=320, batch_size=2, pretrain_steps=6, warmup_steps=6, sparse_steps=4, n_synthetic=12,
+    base = dict(seq_len=320, batch_size=2, pretrain_batch_size=3, pretrain_steps=6, warmup_steps=6, sparse_steps=4, n_synthetic=12,
                 eval_lengths=(256, 320), eval_n=1, val_rows=2, overrides=MICRO)
     return recipe.Recipe(**{**base, **kw})
 
@@ -42,6 +42,8 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     timeline = json.loads((tmp_path / "timeline.json").read_text())
     assert set(recipe.STAGE_ORDER) <= set(timeline)
+    rows = {s: checkpoint.load_latest(tmp_path / s).config["batch_size"] for s in recipe.STAGE_ORDER}
+    assert rows == {"pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2, "dense-control": 2}
 
     # Run again: every stage is found finished and only the evaluation runs, with identical results.
     logs.clear()
