@@ -15,7 +15,8 @@ checkpoints):
                            verified, deduplicated JSONL records + statistics
     distill                one generalist: SFT of `base` on the union (optionally on-policy reverse KL)
     mixed-rl               one GRPO stage over every domain with all rewards -> `generalist`
-    speciale               math only, relaxed length penalty, β = 0, from the generalist -> `speciale`
+    speciale               from the generalist, reasoning data only: SFT on math traces that end with their
+                           self-check, then math GRPO with a relaxed length penalty and β = 0 -> `speciale`
     eval                   every model on every domain's held-out set in both modes (greedy)
     report                 report.md, report.json (eval, timeline, dsa, rl, data, checks) and PNG plots
 
@@ -101,23 +102,23 @@ def tiny() -> PipelineConfig:
         recipe=dict(seq_len=512, batch_size=8, pretrain_steps=120, warmup_steps=30, sparse_steps=30,
                     n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6, val_rows=8),
         sft=dict(recipe="tiny-base"),
-        # Measured from the tiny-base SFT (held-out, thinking): 80 domain steps take math 0.15 -> 0.71, tool
-        # 0 -> 0.25, logic 0.20 -> 0.25 (logic gets 120 steps over more prompts).
+        # Measured from the tiny-base SFT (held-out, thinking): 80 domain steps took math 0.15 -> 0.71, tool
+        # 0 -> 0.25, logic 0.20 -> 0.25; 64 steps here (logic 96, over more prompts) to fit the budget.
         specialists=dict(domains=list(S.DOMAINS), steps=10, rl=rl,
-                         sft=dict(steps=80, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=5,
+                         sft=dict(steps=64, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=5,
                                   tasks_per_domain=600),
                          by_domain={"tool": {"rl": {"prompts_per_step": 8}},
-                                    "logic": {"sft": {"steps": 120, "tasks_per_domain": 1200}}}),
+                                    "logic": {"sft": {"steps": 96, "tasks_per_domain": 1200}}}),
         # Math records are short and math is the slowest skill to carry over (distilled on 442 thinking records:
         # 0.30 against the specialist's 0.5-0.7), so math gets more prompts.
-        generate=dict(prompts=400, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True,
-                      by_domain={"math": {"prompts": 1000}}),
-        distill=dict(steps=240, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0),
+        generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True,
+                      by_domain={"math": {"prompts": 800}}),
+        distill=dict(steps=200, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0),
         mixed=dict(steps=8, rl=rl),
         # Speciale: reasoning data only (math traces in thinking mode, each ending with its self-check), then
         # math RL with the relaxed length penalty and β = 0.
-        speciale=dict(steps=20, rl={**_EVAL_RL, "prompts_per_step": 16, "warmup_steps": 3, "lr": 5e-5},
-                      sft=dict(domains={"math": 1}, mode="thinking", check=True, steps=60, lr=2e-3, batch_size=16,
+        speciale=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 16, "warmup_steps": 3, "lr": 5e-5},
+                      sft=dict(domains={"math": 1}, mode="thinking", check=True, steps=48, lr=2e-3, batch_size=16,
                                seq_len=256, warmup_steps=5, tasks_per_domain=1200)),
         eval=dict(n=100, max_tokens=64, max_batch=64),
     )

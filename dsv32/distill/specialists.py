@@ -79,7 +79,8 @@ def domain_sft(domain: str, init_from, out_dir, settings: dict, log=print, name:
     s = sft.run_recipe(model, recipe, out, log_every=max(recipe.steps // 4, 1))
     summary = {"steps": s["steps"], "final_loss": s["final_loss"], "examples": s["examples"]}
     write_json(done, summary)
-    log(f"  sft {name or 'specialist-' + domain}: {s['examples']} conversations, {s['steps']} steps, loss {s['final_loss']:.3f}")
+    log(f"  sft {name or 'specialist-' + domain}: {s['examples']} conversations, {s['steps']} steps, "
+        f"loss {s['final_loss']:.3f}")
     return summary
 
 
