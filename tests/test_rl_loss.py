@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsv32.rl.advantages import group_advantages
+from dsv32.rl.advantages import group_advantages, process_advantages
 from dsv32.rl.loss import (LossConfig, adaptive_entropy_coef, aggregate, grpo_loss, k3, off_policy_mask, token_entropy,
                            unbiased_kl)
 
@@ -179,6 +179,45 @@ def test_beta_per_sequence_and_missing_reference():
 
 
 # ---------------------------------------------------------------- ratio 1 / clipping (§6.5 item 5)
+
+def test_process_advantages_follow_the_suffix_sum_formula_per_group():
+    steps = [[1, 0, 0.5], [1, 1, 1.5], [0, 2], [0, 1], [1]]
+    uids = ["a", "a", "b", "b", "c"]
+    out = process_advantages(steps, uids)
+    for group in ("a", "b"):
+        members = [i for i, u in enumerate(uids) if u == group]
+        flat = torch.tensor([float(r) for i in members for r in steps[i]], dtype=torch.float64)
+        mean, std = flat.mean(), flat.std()
+        for i in members:
+            norm = [(r - mean) / std for r in steps[i]]
+            expected = [float(sum(norm[j:])) for j in range(len(norm))]
+            assert out[i] == pytest.approx(expected, abs=1e-12)
+    assert out[4] == [0.0]                                     # a group of one step: no baseline, exactly 0
+    assert process_advantages([[1, 1], [1]], [0, 0]) == [[0.0, 0.0], [0.0]]   # all equal: 0, never NaN
+    # the wrong middle step of completion 0 is blamed more than the right first step before it
+    assert out[0][1] < out[0][0]
+    with pytest.raises(ValueError, match="uids"):
+        process_advantages([[1]], ["a", "b"])
+
+
+def test_per_token_advantages_equal_broadcast_ones_and_gate_the_gradient():
+    g = torch.Generator().manual_seed(1)
+    lp = (-torch.rand(3, 5, generator=g) * 2).requires_grad_(True)
+    old = lp.detach() + 0.05 * torch.randn(3, 5, generator=g)
+    mask = torch.ones(3, 5)
+    adv = torch.tensor([0.5, -1.0, 0.25])
+    cfg = LossConfig(opsm_delta=0.01)
+    loss_b, m_b = grpo_loss(lp, old, adv, mask, cfg, sampler_logps_BT=old)
+    loss_t, m_t = grpo_loss(lp, old, adv[:, None].expand(3, 5), mask, cfg, sampler_logps_BT=old)
+    assert torch.allclose(loss_b, loss_t) and m_b["opsm/masked_frac"] == m_t["opsm/masked_frac"]
+    token = torch.zeros(3, 5)
+    token[0, 2] = 1.0                                          # one token carries all the credit
+    lp.grad = None
+    grpo_loss(lp, old, token, mask, LossConfig())[0].backward()
+    assert lp.grad[0, 2] != 0 and torch.count_nonzero(lp.grad) == 1
+    with pytest.raises(ValueError, match="one per token"):
+        grpo_loss(lp, old, torch.zeros(3, 4), mask, LossConfig())
+
 
 def test_first_minibatch_ratio_is_one_and_gradient_is_nonzero():
     g = torch.Generator().manual_seed(0)

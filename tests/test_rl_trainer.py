@@ -10,8 +10,8 @@ from dsv32.data.tokenizer import ByteTokenizer
 from dsv32.model import Transformer
 from dsv32.rl import tasks as T
 from dsv32.rl.presets import RLConfig, get
-from dsv32.rl.rollout import collate, rollout, task_prompt
-from dsv32.rl.trainer import GRPOTrainer, policy_logprobs
+from dsv32.rl.rollout import Sample, collate, rollout, task_prompt
+from dsv32.rl.trainer import GRPOTrainer, policy_logprobs, token_advantages
 from dsv32.serve.engine import Completion, Engine
 from dsv32.serve.sampling import SamplingParams
 
@@ -224,3 +224,28 @@ def test_adam_betas_reach_the_optimizer(tmp_path):
     trainer = GRPOTrainer(micro_model(), micro_cfg(betas=[0.9, 0.999]), tmp_path)
     assert all(g["betas"] == (0.9, 0.999) for g in trainer.optimizer.param_groups)
     assert get("tiny-math").betas == (0.9, 0.95)   # the loop's default, unchanged
+
+
+def _sample(text, reward, uid=0):
+    ids = TOK.encode(text)
+    return Sample(uid, T.Task("What is 9+4-9?", "4", "math"), True, [1, 2] + ids, 2, [0, 0] + [1] * len(ids),
+                  [0.0] * (len(ids) + 2), text=TOK.decode(ids), reward=reward)
+
+
+def test_process_supervision_blames_the_wrong_line_and_reaches_the_loss(tmp_path):
+    right = _sample("9+4=13\n13-9=4</think>4<｜end▁of▁sentence｜>", 1.0)
+    late = _sample("9+4=13\n13-9=5</think>5<｜end▁of▁sentence｜>", 0.0)
+    early = _sample("9+4=14\n14-9=5</think>5<｜end▁of▁sentence｜>", 0.0)
+    token_advantages([right, late, early], TOK)
+    for s in (right, late, early):
+        assert len(s.token_adv) == len(s.ids) and s.token_adv[:2] == [0.0, 0.0]   # the prompt carries nothing
+    first, second = 2, 2 + len("9+4=13\n")                   # first token of each line
+    assert all(a > 0 for a in right.token_adv[2:])
+    assert late.token_adv[second] < late.token_adv[first]     # its wrong line is blamed more than its right one
+    assert early.token_adv[second] > late.token_adv[second]   # "14-9=5" holds, "13-9=5" does not
+    batch = collate([right, late], 288, "cpu")
+    assert torch.equal(batch["adv"][0, 1:3], torch.tensor(right.token_adv[2:4]))   # shifted like the targets
+    trainer = GRPOTrainer(micro_model(), micro_cfg(advantage="process", minibatches=1), tmp_path)
+    torch.manual_seed(0)
+    logs = trainer.train_step()
+    assert logs["num_samples_trained"] > 0 and logs["grad_norm"] > 0 and "process/step_accuracy" in logs

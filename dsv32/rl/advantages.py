@@ -89,3 +89,38 @@ def group_advantages(rewards, uids: Sequence[Hashable], method: str = "group_mea
         "num_groups": n_groups,
     }
     return adv.float(), stats
+
+
+def process_advantages(step_rewards: Sequence[Sequence[float]], uids: Sequence[Hashable]) -> list[list[float]]:
+    """Process supervision (DeepSeekMath, rl-distill-anchors.md §2.1): per completion, one advantage per step,
+    Â_j = Σ_{steps k ≥ j} r̃_k with r̃ = (r − mean) / std over every step reward of the group. A token takes the
+    advantage of the first step that ends at or after it, so a wrong step is blamed on its own tokens and on
+    those before it, never on the right steps after it. The outcome is the last step.
+
+    Groups are formed by uid; a group whose step rewards are all equal (or that has fewer than two) gets 0.
+
+        >>> process_advantages([[1, 0], [1, 1]], ["a", "a"])   # mean 0.75, std 0.5
+        [[-1.0, -1.5], [1.0, 0.5]]
+    """
+    if len(step_rewards) != len(uids):
+        raise ValueError(f"process_advantages: {len(step_rewards)} completions but {len(uids)} uids")
+    by_group: dict = {}
+    for rs, u in zip(step_rewards, uids):
+        by_group.setdefault(u, []).extend(float(r) for r in rs)
+    stats = {}
+    for u, rs in by_group.items():
+        t = torch.tensor(rs, dtype=torch.float64)
+        flat = t.numel() < 2 or bool((t == t[0]).all())
+        stats[u] = None if flat else (float(t.mean()), float(t.std()))
+    out = []
+    for rs, u in zip(step_rewards, uids):
+        if stats[u] is None:
+            out.append([0.0] * len(rs))
+            continue
+        mean, std = stats[u]
+        acc, suffix = 0.0, []
+        for r in reversed(rs):
+            acc += (float(r) - mean) / std
+            suffix.append(acc)
+        out.append(suffix[::-1])
+    return out

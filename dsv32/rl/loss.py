@@ -76,15 +76,16 @@ def seq_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return _masked(x_BT, mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)
 
 
-def clipped_surrogate(log_ratio_BT: torch.Tensor, adv_B: torch.Tensor, eps_low: float,
+def clipped_surrogate(log_ratio_BT: torch.Tensor, adv: torch.Tensor, eps_low: float,
                       eps_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token −min(r·A, clip(r)·A) and the low/high clip indicators (TRL's definitions: a clip that binds)."""
+    """Per-token −min(r·A, clip(r)·A) and the low/high clip indicators (TRL's definitions: a clip that binds).
+    adv: one advantage per completion [B], or one per token [B, T] (process supervision)."""
     ratio_BT = torch.exp(log_ratio_BT)
-    adv_B1 = adv_B[:, None]
+    adv_BT = adv if adv.dim() == 2 else adv[:, None]
     clipped_BT = torch.clamp(ratio_BT, 1 - eps_low, 1 + eps_high)
-    loss_BT = -torch.min(ratio_BT * adv_B1, clipped_BT * adv_B1)
-    low_BT = (ratio_BT < 1 - eps_low) & (adv_B1 < 0)
-    high_BT = (ratio_BT > 1 + eps_high) & (adv_B1 > 0)
+    loss_BT = -torch.min(ratio_BT * adv_BT, clipped_BT * adv_BT)
+    low_BT = (ratio_BT < 1 - eps_low) & (adv_BT < 0)
+    high_BT = (ratio_BT > 1 + eps_high) & (adv_BT > 0)
     return loss_BT, low_BT, high_BT
 
 
@@ -150,20 +151,23 @@ def grpo_loss(logps_BT: torch.Tensor, old_logps_BT: torch.Tensor, adv_B: torch.T
               entropy_BT: torch.Tensor | None = None, normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
     """The scalar loss (minimise it) and a metrics dict of floats (TRL/verl names).
 
+    adv_B: one advantage per completion [B], or one per token [B, T] (process supervision; OPSM then reads the
+        sign of the completion's mean token advantage).
     beta_B: per-completion KL weight (β per domain); None uses cfg.beta for every completion.
     entropy_BT: per-token entropy of π_θ (with gradient) for the optional entropy term and the `entropy` metric.
     """
     if logps_BT.shape != old_logps_BT.shape or logps_BT.shape != mask_BT.shape:
         raise ValueError(f"grpo_loss: logps {tuple(logps_BT.shape)}, old_logps {tuple(old_logps_BT.shape)} and "
                          f"mask {tuple(mask_BT.shape)} must have the same [B, T] shape")
-    if adv_B.shape != logps_BT.shape[:1]:
+    if adv_B.shape not in (logps_BT.shape[:1], logps_BT.shape):
         raise ValueError(f"grpo_loss: advantages {tuple(adv_B.shape)} must be [B]={logps_BT.shape[0]}, one per "
-                         "completion")
+                         f"completion, or [B, T]={tuple(logps_BT.shape)}, one per token")
     mask_BT = mask_BT.to(logps_BT.dtype)
-    adv_B = adv_B.to(logps_BT.dtype)
+    adv = adv_B.to(logps_BT.dtype)                  # [B] or [B, T]
+    adv_B = adv if adv.dim() == 1 else seq_mean(adv, mask_BT)   # per completion: OPSM's sign, β's shape
     old_logps_BT = old_logps_BT.detach()
     log_ratio_BT = _masked(logps_BT - old_logps_BT, mask_BT)
-    pg_BT, low_BT, high_BT = clipped_surrogate(log_ratio_BT, adv_B, cfg.eps_low, cfg.eps_high)
+    pg_BT, low_BT, high_BT = clipped_surrogate(log_ratio_BT, adv, cfg.eps_low, cfg.eps_high)
     metrics: dict = {}
 
     if cfg.opsm_delta is not None:

@@ -62,7 +62,7 @@ class RLConfig:
     steps: int = 60                    # rollout steps (each: minibatches optimizer steps)
     minutes: float = 0.0               # wall-clock budget of the training loop; 0 = none
     lr_decay: str = "none"             # "cosine": lr to 0 at the end of `steps` or of `minutes`, whichever is first
-    advantage: str = "group_mean"      # group_mean | group_mean_std | batch_std | rloo
+    advantage: str = "group_mean"      # group_mean | group_mean_std | batch_std | rloo | process (per-step credit)
     mask_truncated: bool = False       # drop truncated samples from the loss (else the length reward hits them)
     entropy_target: float = 0.0        # > 0: adaptive entropy coefficient (raised only below this entropy, nats)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -100,8 +100,8 @@ class RLConfig:
             ("steps", self.steps >= 1, "must be >= 1"),
             ("minutes", self.minutes >= 0, "must be >= 0 (0: no budget)"),
             ("lr_decay", self.lr_decay in ("none", "cosine"), 'must be "none" or "cosine"'),
-            ("advantage", self.advantage in ("group_mean", "group_mean_std", "batch_std", "rloo"),
-             "must be group_mean, group_mean_std, batch_std or rloo"),
+            ("advantage", self.advantage in ("group_mean", "group_mean_std", "batch_std", "rloo", "process"),
+             "must be group_mean, group_mean_std, batch_std, rloo or process"),
             ("eval_n", self.eval_n >= 1, "must be >= 1"),
             ("ckpt_every", self.ckpt_every >= 1, "must be >= 1"),
         ]

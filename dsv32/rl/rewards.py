@@ -24,7 +24,7 @@ import re
 from functools import lru_cache
 
 from ..data.chat import parse_assistant
-from .tasks import Task, verify
+from .tasks import Task, evaluate, verify
 
 
 @lru_cache(maxsize=4096)
@@ -236,6 +236,28 @@ def alignment_rules(completion_text: str, task: Task, *, thinking: bool = True, 
 
 
 # ---------------------------------------------------------------------------------------------- a hackable judge
+
+_STEP = re.compile(r"(?<![\d.])(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)(?![\d.])")
+
+
+def arithmetic_steps(completion_text: str) -> list[tuple[int, bool]]:
+    """Every `a op b = c` written in a completion (reasoning and answer alike): where it ends (a character offset
+    into the text) and whether it holds. The step rewards of process supervision (`advantages.process_advantages`)
+    and a check that a worked trace is right line by line, not only in its final answer.
+
+    >>> arithmetic_steps("9+4=13\\n13-9=5</think>5")
+    [(6, True), (13, False)]
+    """
+    out = []
+    for m in _STEP.finditer(completion_text):
+        a, op, b, c = m.groups()
+        if op == "/" and int(b) == 0:
+            ok = False
+        else:
+            ok = evaluate(f"{a}{op}{b}")[0] == int(c)
+        out.append((m.end(), bool(ok)))
+    return out
+
 
 def length_judge(completion_text: str, task: Task, *, thinking: bool = True, target_chars: int = 48,
                  **info) -> float:

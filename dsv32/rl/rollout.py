@@ -48,6 +48,7 @@ class Sample:
     turns: int = 0
     reward: float | None = None
     components: dict = field(default_factory=dict)
+    token_adv: list[float] | None = None   # process supervision: an advantage per position of `ids` (0 off the turns)
 
     @property
     def n_generated(self) -> int:
@@ -166,18 +167,22 @@ def collate(samples: list[Sample], vocab_size: int, device, temperature: float =
     """Right-padded training tensors for a list of samples:
 
     input_ids [B, T], targets [B, T] (next tokens), mask [B, T] (1 where the target was generated),
-    sampler_logps [B, T], kept [B, T, V] bool or None, routes per layer [B, T, k] or None.
+    sampler_logps [B, T], kept [B, T, V] bool or None, routes per layer [B, T, k] or None, adv [B, T] (the
+    samples' `token_adv`) or None.
     """
     B = len(samples)
     T_ = max(len(s.ids) for s in samples) - 1
     ids = torch.zeros(B, T_ + 1, dtype=torch.long)
     mask = torch.zeros(B, T_ + 1)
     samp = torch.zeros(B, T_ + 1)
+    adv = torch.zeros(B, T_ + 1) if all(s.token_adv is not None for s in samples) else None
     for b, s in enumerate(samples):
         n = len(s.ids)
         ids[b, :n] = torch.tensor(s.ids)
         mask[b, :n] = torch.tensor(s.gen_mask, dtype=torch.float)
         samp[b, :n] = torch.tensor(s.sampler_logps)
+        if adv is not None:
+            adv[b, :n] = torch.tensor(s.token_adv)
     kept = None
     if any(s.kept for s in samples):
         kept = torch.ones(B, T_ + 1, vocab_size, dtype=torch.bool)
@@ -201,7 +206,8 @@ def collate(samples: list[Sample], vocab_size: int, device, temperature: float =
                 r_BTk[b, : r.shape[0]] = r
             routes.append(r_BTk.to(device))
     return {"input_ids": ids[:, :-1].to(device), "targets": ids[:, 1:].to(device), "mask": mask[:, 1:].to(device),
-            "sampler_logps": samp[:, 1:].to(device), "kept": kept, "routes": routes, "temperature": temperature}
+            "sampler_logps": samp[:, 1:].to(device), "kept": kept, "routes": routes, "temperature": temperature,
+            "adv": None if adv is None else adv[:, 1:].to(device)}
 
 
 def transcript_json(sample: Sample) -> str:

@@ -39,11 +39,12 @@ from ..train.metrics import Metrics
 from ..train.optim import ParamGroup, TrainConfig, build_optimizer, clip_grads
 from . import report as rl_report
 from . import tasks as T
-from .advantages import group_advantages
+from .advantages import group_advantages, process_advantages
 from .guard import DivergenceGuard
 from .loss import adaptive_entropy_coef, grpo_loss, token_entropy
 from .presets import RLConfig
-from .rollout import collate, rollout
+from .rewards import arithmetic_steps
+from .rollout import collate, rollout, safe_decode
 from .rubric import Rubric, summarize
 
 
@@ -52,6 +53,34 @@ def success(sample) -> bool:
     `dsv32 eval suites` uses)."""
     content = parse_assistant(sample.text, thinking=sample.thinking)["content"] or ""
     return (not sample.truncated) and bool(content.strip()) and T.verify(sample.task, content.strip())
+
+
+def token_advantages(samples, tokenizer) -> None:
+    """Process supervision (`advantage: process`): set each sample's `token_adv`. The steps of a completion are
+    its `a op b = c` lines (reward 1 if the line holds, else 0), then its outcome (the rubric's total);
+    `advantages.process_advantages` turns them into one advantage per step, and each generated token of the last
+    turn takes the advantage of the first step ending at or after it. Earlier turns (the tool loop) precede every
+    step. A completion with no reward gets 0 everywhere."""
+    steps, ends = [], []
+    for s in samples:
+        checks = arithmetic_steps(s.text) if s.reward is not None else []
+        ends.append([end for end, _ in checks] + [len(s.text)])
+        steps.append([float(ok) for _, ok in checks] + [s.reward] if s.reward is not None else [])
+    for s, end, adv in zip(samples, ends, process_advantages(steps, [s.uid for s in samples])):
+        token_adv = [0.0] * len(s.ids)
+        if adv:
+            n_turn = next((k for k, g in enumerate(reversed(s.gen_mask)) if not g), len(s.gen_mask))
+            start = len(s.ids) - n_turn
+            for p in range(start):
+                if s.gen_mask[p]:
+                    token_adv[p] = adv[0]
+            j = 0
+            for k in range(n_turn):
+                begin = len(safe_decode(tokenizer, s.ids[start:start + k]))   # where token k's text starts
+                while j < len(end) and end[j] <= begin:
+                    j += 1
+                token_adv[start + k] = adv[j] if j < len(end) else 0.0
+        s.token_adv = token_adv
 
 
 def policy_logprobs(model, batch: dict, entropy: bool = False, entropy_grad: bool = False):
@@ -252,7 +281,14 @@ class GRPOTrainer:
                           thinking=modes, max_turns=cfg.max_turns if has_tools else 1)
         t_roll = time.time() - t0
         self._score(samples)
-        adv, adv_stats = group_advantages([s.reward for s in samples], [s.uid for s in samples], cfg.advantage)
+        process = cfg.advantage == "process"
+        adv, adv_stats = group_advantages([s.reward for s in samples], [s.uid for s in samples],
+                                          "group_mean" if process else cfg.advantage)
+        if process:
+            token_advantages(samples, self.tok)
+            adv = torch.tensor([float(any(s.token_adv)) for s in samples])   # 0: no gradient (dropped below)
+            checks = [ok for s in samples for _, ok in arithmetic_steps(s.text)]
+            adv_stats["process/step_accuracy"] = sum(checks) / len(checks) if checks else 0.0
         logs = {**adv_stats, **summarize([(s.reward, s.components) for s in samples], [s.task for s in samples])}
         lengths = [s.n_generated for s in samples]
         done = [n for n, s in zip(lengths, samples) if not s.truncated]
@@ -295,7 +331,8 @@ class GRPOTrainer:
             beta_B = torch.tensor([cfg.beta(samples[i].task.domain) * beta_scale for i in chunk], device=self.device)
             if old is None:      # the first slice's first pass: π_old is this very forward (ratio exactly 1)
                 old = olds[j] = lp.detach()
-            loss, m = grpo_loss(lp, old, adv[chunk].to(self.device), batch["mask"],
+            loss, m = grpo_loss(lp, old, adv[chunk].to(self.device) if batch["adv"] is None else batch["adv"],
+                                batch["mask"],
                                 self.loss_cfg, sampler_logps_BT=batch["sampler_logps"], ref_logps_BT=ref, beta_B=beta_B,
                                 entropy_BT=ent)
             (loss * self._loss_scale(j)).backward()
