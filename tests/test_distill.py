@@ -101,6 +101,57 @@ def test_direct_records_fill_missing_non_thinking_answers_without_reasoning():
     assert not ex.thinking and trained == a.answer + EOS
 
 
+def test_reasoning_ok_checks_every_step_not_only_the_final_answer():
+    import doctest
+
+    assert doctest.run_docstring_examples(T.reasoning_ok, vars(T)) is None   # the examples in the docstring
+    for domain in ("math", "countdown", "logic", "alignment", "tool"):
+        for difficulty in (1, 2, 3):
+            for t in T.make_tasks(domain, 20, difficulty=difficulty):
+                assert T.reasoning_ok(t, t.solution), (domain, t.prompt, t.solution)   # worked traces pass
+    a = T.Task("What is 9+4-9?", "4", "math", {"expr": "9+4-9"})
+    for bad in ("9+4=14\n14-9=4",   # a wrong step before a lucky answer
+                "9+4=13\n12-9=4",   # not chained
+                "9+3=12\n12-8=4",   # true and chained, but not the question's numbers
+                "9+4=13", "", None, "9+4=13\n13-9=4\nso 4"):
+        assert not T.reasoning_ok(a, bad), bad
+    [c] = T.make_tasks("countdown", 1)   # every given number once, ending on the target
+    assert T.reasoning_ok(c, c.solution) and not T.reasoning_ok(c, c.solution.split("\n")[0])
+    [lg] = T.make_tasks("logic", 1)
+    order = lg.meta["order"]
+    assert T.reasoning_ok(lg, ">".join(order)) and not T.reasoning_ok(lg, ">".join([order[0]] * len(order)))
+    [al] = [t for t in T.make_tasks("alignment", 40) if t.meta["rule"] == "refuse"][:1]
+    assert not T.reasoning_ok(al, al.solution.replace("harmful, refuse", "safe, help"))
+
+
+def test_best_of_n_drops_lucky_traces_when_reasoning_is_checked():
+    [a] = T.make_tasks("math", 1)
+    first = a.solution.split("\n")[0]
+    lucky = first.replace("=", "=1") + "\n" + "\n".join(a.solution.split("\n")[1:])   # first step wrong
+    assert not T.reasoning_ok(a, lucky) and T.reasoning_ok(a, a.solution)
+    replies = [[f"{lucky}</think>{a.answer}{EOS}", f"{a.solution}</think>{a.answer}{EOS}"]]
+    samples = rollout(ScriptedEngine(replies * 2), TOK, [a], group_size=2, params=SamplingParams(), thinking=True)
+    records, stats = G.best_of_n(samples, 2, "math", "s", check_reasoning=True)
+    assert stats["verified"] == 1 and stats["wrong_reasoning"] == 1
+    assert records[0]["reasoning_content"] == a.solution
+    loose, st = G.best_of_n(samples, 2, "math", "s")   # unchecked: both count as verified
+    assert st["verified"] == 2 and st["wrong_reasoning"] == 0
+    samples = rollout(ScriptedEngine([[f"{lucky}</think>{a.answer}{EOS}"] * 2]), TOK, [a], group_size=2,
+                      params=SamplingParams(), thinking=True)
+    assert G.best_of_n(samples, 2, "math", "s", check_reasoning=True)[0] == []   # only lucky traces: no record
+
+
+def test_distillation_weights_repeat_a_domains_records():
+    ex = [sft.Example([1, 2], [0, 1], d, True) for d in ("math", "tool", "logic")]
+    assert [e.domain for e in D.weighted(ex, {"tool": 3, "logic": 0})] == ["math", "tool", "tool", "tool"]
+    assert D.weighted(ex, None) == ex
+    with pytest.raises(ValueError, match="whole number"):
+        D.weighted(ex, {"tool": 1.5})
+    assert D.parse_weights(["tool=3", "logic=2"]) == {"tool": 3, "logic": 2}
+    with pytest.raises(ValueError, match="DOMAIN=N"):
+        D.parse_weights(["tool:3"])
+
+
 def test_duplicate_prompts_are_dropped():
     [a] = T.make_tasks("logic", 1)
     reply = f"{a.solution}</think>{a.answer}{EOS}"

@@ -6,7 +6,8 @@
 A specialist answers its domain's TRAINING prompts (never the held-out split) in thinking and in
 non-thinking mode, `samples` candidates per prompt through the serving engine and the RL rollout's tool
 loop. A candidate is kept only if it verifies (finished, well formed, its final answer checks with
-`rl.tasks.verify`; non-thinking: no reasoning block anywhere); of the verified ones the best by the domain's
+`rl.tasks.verify`; thinking: the reasoning is right step by step, `rl.tasks.reasoning_ok`, unless
+`check_reasoning=False`; non-thinking: no reasoning block anywhere); of the verified ones the best by the domain's
 rubric (ties: the shortest) becomes the record (rejection sampling, best of N). Records are deduplicated on
 (mode, prompt) and on (mode, reply). One JSON object per line:
 
@@ -37,6 +38,7 @@ MODES = {"thinking": True, "non_thinking": False}
 class GenerateConfig:
     prompts: int = 256            # training prompts per domain (each answered in every mode)
     samples: int = 4              # candidates per prompt (best of N)
+    thinking_samples: int = 0     # candidates per prompt in thinking mode (0: `samples`); checked traces fail more
     temperature: float = 0.8
     max_tokens: int = 96          # per model turn
     max_turns: int = 3            # model turns in the tool loop
@@ -48,10 +50,15 @@ class GenerateConfig:
     # record: the same transcript without its reasoning (the verified final answer as the direct response), so
     # the two modes are balanced prompt for prompt (see `direct_records`).
     fill_non_thinking: bool = False
+    # A thinking candidate also needs a reasoning that is right step by step (`rl.tasks.reasoning_ok`), not only a
+    # right final answer: measured on the tiny specialists, 117 of 153 verified logic traces had a wrong order
+    # (`Bob>Bob>Hal`) and 18 of 601 math traces a wrong step (`6-4=0\n0-2=0`) before a lucky answer.
+    check_reasoning: bool = True
 
     def __post_init__(self):
         self.modes = tuple(m.replace("-", "_") for m in self.modes)
         checks = [("prompts", self.prompts >= 1, "must be >= 1"), ("samples", self.samples >= 1, "must be >= 1"),
+                  ("thinking_samples", self.thinking_samples >= 0, "must be >= 0 (0: samples)"),
                   ("temperature", self.temperature > 0, "must be > 0 (best of N needs distinct candidates)"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("modes", bool(self.modes) and set(self.modes) <= set(MODES),
@@ -66,6 +73,7 @@ class Stats:
     prompts: int = 0
     candidates: int = 0
     verified: int = 0             # candidates that verified
+    wrong_reasoning: int = 0      # candidates with a right answer after a wrong step (thinking, check_reasoning)
     prompts_verified: int = 0     # prompts with at least one verified candidate
     duplicates: int = 0           # verified winners dropped as duplicates
     records: int = 0
@@ -75,19 +83,23 @@ class Stats:
     def summary(self) -> dict:
         n = max(self.records, 1)
         return {"prompts": self.prompts, "candidates": self.candidates, "verified": self.verified,
+                "wrong_reasoning": self.wrong_reasoning,
                 "verified_rate": self.verified / max(self.candidates, 1),
                 "prompt_yield": self.prompts_verified / max(self.prompts, 1), "duplicates": self.duplicates,
                 "records": self.records, "mean_length": self.tokens / n, "mean_reward": self.reward / n}
 
 
-def verified(sample, tokenizer) -> bool:
-    """Finished, well formed, the final answer verifies; a non-thinking reply has no reasoning block anywhere."""
+def verified(sample, tokenizer, check_reasoning: bool = False) -> bool:
+    """Finished, well formed, the final answer verifies; a thinking reply's reasoning is right step by step
+    (`check_reasoning`); a non-thinking reply has no reasoning block anywhere."""
     from ..eval.suites import correct
+    from ..rl.tasks import reasoning_ok
 
-    if not correct(sample) or not parse_assistant(sample.text, thinking=sample.thinking)["well_formed"]:
+    parsed = parse_assistant(sample.text, thinking=sample.thinking)
+    if not correct(sample) or not parsed["well_formed"]:
         return False
     if sample.thinking:
-        return True
+        return not check_reasoning or reasoning_ok(sample.task, parsed["reasoning_content"])
     generated = tokenizer.decode([t for t, m in zip(sample.ids, sample.gen_mask) if m])
     return "<think>" not in generated and "</think>" not in generated
 
@@ -115,10 +127,11 @@ def record_of(sample, domain: str, source_model: str, scores: dict) -> dict:
 
 
 def best_of_n(samples: list, group_size: int, domain: str, source_model: str, *, rubric=None, max_tokens: int = 96,
-              tokenizer=None) -> tuple[list[dict], dict]:
+              tokenizer=None, check_reasoning: bool = False) -> tuple[list[dict], dict]:
     """Rejection sampling over rollouts laid out `group_size` per prompt: per prompt the verified candidate with
     the highest rubric total (ties: the shortest) becomes a record, unless its prompt or its reply (in this
-    mode) was kept already. Returns (records, statistics)."""
+    mode) was kept already (`check_reasoning`: thinking candidates also need a right reasoning). Returns
+    (records, statistics)."""
     from ..rl.presets import DEFAULT_RUBRIC
     from ..rl.rubric import Rubric
 
@@ -129,7 +142,8 @@ def best_of_n(samples: list, group_size: int, domain: str, source_model: str, *,
     for uid in range(n_prompts):
         scored = []
         for s in samples[uid * group_size:(uid + 1) * group_size]:
-            if not verified(s, tok):
+            if not verified(s, tok, check_reasoning):
+                st.wrong_reasoning += check_reasoning and s.thinking and verified(s, tok)
                 continue
             info = {"thinking": s.thinking, "truncated": s.truncated, "n_tokens": s.n_generated,
                     "max_tokens": max_tokens * max(s.turns, 1), "transcript": s.transcript}
@@ -175,10 +189,11 @@ def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokeniz
     try:
         for mode in cfg.modes:
             torch.manual_seed(cfg.seed + (0 if mode == "thinking" else 1))
-            samples = rollout(engine, tok, tasks, group_size=cfg.samples, params=params, thinking=MODES[mode],
+            n = cfg.thinking_samples if mode == "thinking" and cfg.thinking_samples else cfg.samples
+            samples = rollout(engine, tok, tasks, group_size=n, params=params, thinking=MODES[mode],
                               max_turns=cfg.max_turns)
-            recs, stats[mode] = best_of_n(samples, cfg.samples, domain, source_model, max_tokens=cfg.max_tokens,
-                                          tokenizer=tok)
+            recs, stats[mode] = best_of_n(samples, n, domain, source_model, max_tokens=cfg.max_tokens,
+                                          tokenizer=tok, check_reasoning=cfg.check_reasoning)
             records += recs
     finally:
         model.train(was_training)
@@ -231,6 +246,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--source-name", default=None, help="source_model in the records (default: the --model path)")
     p.add_argument("--prompts", type=int, default=d.prompts)
     p.add_argument("--samples", type=int, default=d.samples, help="candidates per prompt (best of N)")
+    p.add_argument("--thinking-samples", type=int, default=d.thinking_samples,
+                   help="candidates per prompt in thinking mode (default: --samples)")
+    p.add_argument("--no-check-reasoning", action="store_true",
+                   help="keep thinking answers whose final answer verifies even when a step is wrong")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--difficulty", type=int, default=d.difficulty)
@@ -239,7 +258,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.domain not in DOMAINS:
         raise ValueError(f"--domain {args.domain!r}: choose one of {', '.join(DOMAINS)}")
-    cfg = GenerateConfig(prompts=args.prompts, samples=args.samples, temperature=args.temperature,
+    cfg = GenerateConfig(prompts=args.prompts, samples=args.samples, thinking_samples=args.thinking_samples,
+                         check_reasoning=not args.no_check_reasoning, temperature=args.temperature,
                          max_tokens=args.max_tokens, difficulty=args.difficulty, seed=args.seed,
                          modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()))
     model = build_model(init_from=args.model)
@@ -247,8 +267,9 @@ def main(argv: list[str]) -> int:
     write_jsonl(args.out, records)
     write_json(stats_path(args.out), {"domain": args.domain, "config": asdict(cfg), "modes": stats})
     for mode, s in stats.items():
-        print(f"{args.domain:10} {mode:13} {s['records']:5d} records from {s['prompts']} prompts x {cfg.samples} "
-              f"(verified {s['verified_rate']:.2f}, yield {s['prompt_yield']:.2f}, dup {s['duplicates']}, "
-              f"len {s['mean_length']:.1f})", flush=True)
+        per = s["candidates"] // max(s["prompts"], 1)
+        print(f"{args.domain:10} {mode:13} {s['records']:5d} records from {s['prompts']} prompts x {per} (verified "
+              f"{s['verified_rate']:.2f}, wrong reasoning {s['wrong_reasoning']}, yield {s['prompt_yield']:.2f}, "
+              f"dup {s['duplicates']}, len {s['mean_length']:.1f})", flush=True)
     print(f"distill generate: wrote {args.out}", flush=True)
     return 0

@@ -48,11 +48,27 @@ def sft_examples(paths: list, tokenizer=None) -> list[sft.Example]:
     return out
 
 
+def weighted(examples: list[sft.Example], weights: dict | None) -> list[sft.Example]:
+    """Each example repeated `weights[its domain]` times (default 1): the mix of the union, set per domain (records
+    differ in number and length per domain, so a plain union weights domains by how much their specialist wrote).
+
+    >>> [e.domain for e in weighted([sft.Example([1], [1], "math", True), sft.Example([2], [1], "tool", True)],
+    ...                             {"tool": 2})]
+    ['math', 'tool', 'tool']
+    """
+    weights = weights or {}
+    bad = {d: w for d, w in weights.items() if not (isinstance(w, int) and w >= 0)}
+    if bad:
+        raise ValueError(f"distill weights {bad}: each must be a whole number >= 0 (repeats of that domain's records)")
+    return [e for e in examples for _ in range(weights.get(e.domain, 1))]
+
+
 def distill_sft(model, paths: list, cfg: TrainConfig, *, epochs: float | None = None, resume: bool = True,
-                metrics: Metrics | None = None) -> dict:
+                metrics: Metrics | None = None, weights: dict | None = None) -> dict:
     """Sequence-level distillation: SFT of `model` on the union of the record files (in place), for cfg.steps
-    optimizer steps or `epochs` passes over the records, whichever is fewer (the schedule follows)."""
-    examples = sft_examples(paths)
+    optimizer steps or `epochs` passes over the records, whichever is fewer (the schedule follows); `weights`:
+    domain -> repeats of its records (`weighted`)."""
+    examples = weighted(sft_examples(paths), weights)
     data = sft.SFTData(examples, cfg.seq_len, cfg.seed)
     world = distributed.current().world_size
     if cfg.batch_size > len(data):  # few verified records (a small run): every row in every batch
@@ -213,6 +229,17 @@ def parse_teachers(items: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_weights(items: list[str]) -> dict[str, int]:
+    """['tool=3', 'logic=2'] -> {'tool': 3, 'logic': 2}."""
+    out = {}
+    for item in items:
+        domain, eq, n = item.partition("=")
+        if not eq or not n.isdigit():
+            raise ValueError(f"--weight {item!r}: write DOMAIN=N with N a whole number, e.g. --weight tool=3")
+        out[domain] = int(n)
+    return out
+
+
 def main(argv: list[str]) -> int:
     """`dsv32 distill train`: SFT on the records, then optional on-policy distillation; writes OUT/final/.
     Under `torchrun --nproc-per-node N -m dsv32 distill train ...`: data-parallel (FSDP2, DCP checkpoints)."""
@@ -234,6 +261,8 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--epochs", type=float, default=None, help="at most this many passes over the records")
+    p.add_argument("--weight", action="append", default=[], metavar="DOMAIN=N",
+                   help="repeat a domain's records N times in the mix (repeatable; default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-policy-steps", type=int, default=0, help="on-policy reverse-KL steps after the SFT")
     p.add_argument("--on-policy-lr", type=float, default=OnPolicyConfig.lr)
@@ -257,7 +286,8 @@ def _main(argv: list[str]) -> int:
     out = Path(args.out)
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                       warmup_steps=min(args.warmup_steps, args.steps), out_dir=str(out / "sft"), bf16=args.bf16)
-    s = distill_sft(model, args.data, cfg, epochs=args.epochs, resume=not args.no_resume)
+    s = distill_sft(model, args.data, cfg, epochs=args.epochs, resume=not args.no_resume,
+                    weights=parse_weights(args.weight))
     ctx.print(f"distill train: SFT on {s['examples']} records ({s['modes']['thinking']} thinking, "
               f"{s['modes']['non_thinking']} non-thinking), {s['steps']} steps, final loss {s['final_loss']:.4f}")
     if args.on_policy_steps:

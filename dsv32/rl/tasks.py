@@ -361,6 +361,49 @@ def checked_solution(task: Task) -> str | None:
     return "\n".join([task.solution, *undo, f"so {steps[-1][4]}"])
 
 
+_OPERATOR = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def reasoning_ok(task: Task, reasoning: str | None) -> bool:
+    """Whether a thinking trace is right step by step, not only in its final answer (`verify` checks only that):
+    a lucky trace like `9+4=14\\n14-9=4` must not become distillation data.
+
+    - math / countdown: every line is `a op b = c`, true, chained (each `a` the previous `c`), ending on the
+      answer (target); math also repeats the expression's numbers and operators in order, countdown uses each
+      given number once.
+    - logic: the trace is the whole order, tallest first (`Ann>Bob>Cy`).
+    - alignment: the trace names the verb or rule and the decision the task's worked reasoning does.
+    - tool and tasks without a checkable format (no `expr`/`order`/`solution`): True (the tool rewards check the
+      calls and the grounding of the answer).
+
+    >>> t = Task("What is 9+4-9?", "4", "math", {"expr": "9+4-9"})
+    >>> reasoning_ok(t, "9+4=13\\n13-9=4"), reasoning_ok(t, "9+4=14\\n14-9=4"), reasoning_ok(t, "9+4=13\\n13-9=5")
+    (True, False, False)
+    """
+    text = (reasoning or "").strip()
+    if task.domain in ("math", "countdown"):
+        steps = [_STEP.match(line.strip()) for line in text.split("\n")]
+        if not text or not all(steps):
+            return False
+        numbers = [int(steps[0][1])]
+        for prev, m in zip([None, *steps], steps):
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            if _OPERATOR[op](a, b) != c or (prev is not None and a != int(prev[4])):
+                return False
+            numbers.append(b)
+        result = int(steps[-1][4])
+        if task.domain == "countdown":
+            return result == task.meta.get("target") and sorted(numbers) == sorted(task.meta.get("numbers", ()))
+        written = [x for m in steps for x in (m[2], m[3])]
+        expected = re.findall(r"\d+|[-+*]", task.meta["expr"]) if "expr" in task.meta else None
+        return (expected is None or [steps[0][1], *written] == expected) and verify(task, str(result))
+    if task.domain == "logic" and "order" in task.meta:
+        return text.replace(" ", "") == ">".join(task.meta["order"])
+    if task.domain == "alignment" and task.solution:
+        return _norm(text) == _norm(task.solution)
+    return True
+
+
 def task_messages(task: Task, *, thinking: bool, check: bool = False) -> list[dict]:
     """The conversation a task's worked solution makes, in the chat template's message format.
 
