@@ -155,6 +155,23 @@ def test_speciale_traces_check_every_step_back_to_the_first_number():
     assert all(c.ids == p.ids for c, p in zip(checked, plain) if not c.thinking)
 
 
+def test_reasoning_block_check_holds_each_model_to_the_domains_it_serves():
+    from dsv32.report import checks
+
+    def det(**clean):   # domain -> share of clean non-thinking replies (1.0 where not given)
+        return {d: {"thinking": {"mean_length": 10.0}, "non_thinking": {"no_reasoning_block": clean.get(d, 1.0)}}
+                for d in ("math", "tool")}
+
+    details = {"base": det(), "specialist-math": det(tool=0.5), "generalist": det(), "speciale": det(tool=0.9)}
+    c = checks({}, details, ["math", "tool"], None)["non_thinking_has_no_reasoning_block"]
+    assert c["ok"] and c["domains"]["specialist-math"] == ["math"] and c["domains"]["generalist"] == ["math", "tool"]
+    assert c["any_domain"]["specialist-math"] == 0.5   # reported, not held against it: off its domain
+    for model, bad in (("generalist", {"tool": 0.99}), ("base", {"math": 0.98}), ("specialist-math", {"math": 0.9}),
+                       ("speciale", {"math": 0.97})):
+        c = checks({}, {**details, model: det(**bad)}, ["math", "tool"], None)["non_thinking_has_no_reasoning_block"]
+        assert not c["ok"] and c["by_model"][model] < 1.0, model
+
+
 def test_bad_configs_name_the_problem(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown section 'sfft'"):
         pipeline.tiny().replace(**{"sfft.steps": 3})
