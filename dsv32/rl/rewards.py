@@ -21,10 +21,11 @@ The combination with weights per domain is `dsv32.rl.rubric.Rubric`.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from functools import lru_cache
 
 from ..data.chat import parse_assistant
-from .tasks import Task, evaluate, verify
+from .tasks import Task, verify
 
 
 @lru_cache(maxsize=4096)
@@ -247,15 +248,14 @@ def arithmetic_steps(completion_text: str) -> list[tuple[int, bool]]:
 
     >>> arithmetic_steps("9+4=13\\n13-9=5</think>5")
     [(6, True), (13, False)]
+    >>> arithmetic_steps("04-1=3, 8/0=1, 6/4=2, 1.5+1=2.5")     # leading zeros count; no division by zero; no decimals
+    [(6, True), (13, False), (20, False)]
     """
     out = []
     for m in _STEP.finditer(completion_text):
-        a, op, b, c = m.groups()
-        if op == "/" and int(b) == 0:
-            ok = False
-        else:
-            ok = evaluate(f"{a}{op}{b}")[0] == int(c)
-        out.append((m.end(), bool(ok)))
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b) if b else None}[op]
+        out.append((m.end(), value == c))
     return out
 
 
