@@ -236,6 +236,32 @@ def test_copy_documents_answer_with_the_repeat_of_each_word():
     assert len(copies) == 30 and all(d.kind == "copy" and len(d.text) <= 255 for d in copies)
 
 
+def test_repeat_documents_fill_the_length_and_answer_with_every_repeat():
+    from dsv32.data.corpus import repeat_document
+    from dsv32.train.stages import build_repeat_dataset
+
+    for seed in range(5):
+        doc = repeat_document(random.Random(seed), 64)
+        assert doc.kind == "repeat" and len(doc.text) == 64
+        episodes = doc.text.split("|")
+        full = episodes[:-1]  # the last one is cut at the length
+        assert full and all(len(e) % len(set(e)) == 0 and 2 <= len(e) // len(set(e)) <= 3 for e in full)
+        for e in full:
+            s = e[:len(set(e))]
+            assert len(set(s)) == len(s) and 4 <= len(s) <= 12 and e == s * (len(e) // len(s))
+        # Each answer is a repeat without its first character, and sits one period after the same text.
+        for (a, b), text in zip(doc.answers, doc.answer_texts()):
+            period = next(p for p in range(4, 13) if doc.text[a - p:b - p] == text and doc.text[a - 1 - p] == doc.text[a - 1])
+            assert 1 <= b - a <= period - 1
+    assert repeat_document(random.Random(3), 200).text == repeat_document(random.Random(3), 200).text
+    with pytest.raises(ValueError, match="max_period"):
+        repeat_document(random.Random(0), 64, min_period=8, max_period=4)
+    ds = build_repeat_dataset(32, seed=0, n_rows=10, answer_weight=4.0)
+    assert len(ds) == 10 and bool((ds.doc_ids_NL == 0).all())  # one whole document per row, no padding
+    assert ds.input_ids_NL[:, -1].eq(TOK.eos_id).all()
+    assert set(ds.weights_NL.unique().tolist()) == {1.0, 4.0}
+
+
 def test_weighted_cross_entropy_reduces_to_the_plain_mean():
     from dsv32.train.loop import cross_entropy
 

@@ -70,6 +70,22 @@ def test_one_wrong_answer_token_fails_the_span():
     assert score_documents(one_off, [doc]) == [[False]]
 
 
+def test_copy_accuracy_against_oracles_and_a_real_model(model):
+    from dsv32.data.corpus import repeat_document
+    from dsv32.eval.long_context import copy_accuracy, copy_hits
+
+    rng = random.Random(2)
+    docs = [repeat_document(rng, 48) for _ in range(4)]
+    assert all(copy_hits(_oracle(0), docs)) and len(copy_hits(_oracle(0), docs)) == sum(b - a for d in docs
+                                                                                          for a, b in d.answers)
+    assert not any(copy_hits(_oracle(1), docs))  # distinct characters: the token after next is never the next one
+    model.set_attn_mode("sparse")
+    acc = copy_accuracy(model, 64, n=4)
+    assert 0.0 <= acc < 0.5 and model.cfg.attn_mode == "sparse"  # untrained: no copying; mode restored
+    with pytest.raises(ValueError, match="mode"):
+        copy_accuracy(model, 64, mode="dence")
+
+
 def test_passkey_depths_place_the_needle():
     rng = random.Random(0)
     shallow, deep = passkey_at_depth(rng, 400, 0.1), passkey_at_depth(rng, 400, 0.9)

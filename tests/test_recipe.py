@@ -19,12 +19,16 @@ MICRO = {"n_layers": 2, "dim": 64, "inter_dim": 128, "moe.moe_inter_dim": 32, "m
 
 def _micro(**kw) -> recipe.Recipe:
     base = dict(seq_len=320, batch_size=2, pretrain_batch_size=3, pretrain_steps=6, warmup_steps=6, sparse_steps=4, n_synthetic=12,
+                induction_steps=3, induction_seq_len=32, induction_batch_size=4,
                 eval_lengths=(256, 320), eval_n=1, val_rows=2, overrides=MICRO)
     return recipe.Recipe(**{**base, **kw})
 
 
-def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path):
-    logs = []
+def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, monkeypatch):
+    logs, built = [], []
+    build_model = recipe.stages.build_model
+    monkeypatch.setattr(recipe.stages, "build_model",
+                        lambda *a, **kw: built.append(a[1] if len(a) > 1 else kw.get("init_from")) or build_model(*a, **kw))
     dsa = recipe.run(_micro(), tmp_path, log=logs.append)
     report = json.loads((tmp_path / "report.json").read_text())["dsa"]
     for key in ("recall_stage1", "recall_untrained", "val_loss_dense", "val_loss_sparse", "retrieval", "topk",
@@ -43,7 +47,10 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path):
     timeline = json.loads((tmp_path / "timeline.json").read_text())
     assert set(recipe.STAGE_ORDER) <= set(timeline)
     rows = {s: checkpoint.load_latest(tmp_path / s).config["batch_size"] for s in recipe.STAGE_ORDER}
-    assert rows == {"pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2, "dense-control": 2}
+    assert rows == {"induction": 4, "pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2, "dense-control": 2}
+    # Pretraining continues from the induction phase (short rows of repeated strings), not from scratch.
+    assert built[:2] == [None, tmp_path / "induction" / "final"]
+    assert report["steps"]["induction"] == 3
 
     # Run again: every stage is found finished and only the evaluation runs, with identical results.
     logs.clear()

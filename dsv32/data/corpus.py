@@ -215,6 +215,31 @@ def copy_document(rng: random.Random, length: int, min_word: int = 3, max_word: 
     return Document(text, answers, "copy")
 
 
+def repeat_document(rng: random.Random, length: int, min_period: int = 4, max_period: int = 12,
+                    max_repeats: int = 3) -> Document:
+    """Exactly `length` characters of episodes "sss|": a string s of `min_period`..`max_period` distinct
+    characters (COPY_ALPHABET) said 2 to `max_repeats` times, the last episode cut at `length`.
+
+    The curriculum's first phase (short rows of these only): with distinct characters a token's earlier
+    occurrence marks one place, so copying what followed it is the only way to predict a repeat, and the
+    tiny model grows an induction head in a few hundred steps of such rows, where mixed long documents
+    take thousands. The answers are the repeats after their first character (which could also be "|")."""
+    if not 2 <= min_period <= max_period <= len(COPY_ALPHABET) or max_repeats < 2 or length < 2 * min_period:
+        raise ValueError(f"corpus.py repeat_document: need 2 <= min_period <= max_period <= {len(COPY_ALPHABET)}, "
+                         f"max_repeats >= 2 and length >= 2 * min_period (got length={length}, min_period="
+                         f"{min_period}, max_period={max_period}, max_repeats={max_repeats})")
+    text, answers = "", []
+    while len(text) < length:
+        s = "".join(rng.sample(COPY_ALPHABET, rng.randint(min_period, max_period)))
+        text += s
+        for _ in range(rng.randint(2, max_repeats) - 1):
+            answers.append((len(text) + 1, len(text) + len(s)))
+            text += s
+        text += "|"
+    answers = [(a, min(b, length)) for a, b in answers if a < length]
+    return Document(text[:length], answers, "repeat")
+
+
 def answer_weights(doc: Document, n_tokens: int, weight: float) -> list[float]:
     """Per-token loss weights of a synthetic document: `weight` on its answer spans, 1 elsewhere (ASCII text:
     character offsets are token offsets)."""

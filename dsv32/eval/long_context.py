@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..data.corpus import Document, filler, kv_recall_document, multihop_document
+from ..data.corpus import Document, filler, kv_recall_document, multihop_document, repeat_document
 from ..data.tokenizer import ByteTokenizer
 
 MODES = ("dense", "sparse")
@@ -143,6 +143,29 @@ def retrieval_accuracy(model, lengths: Iterable[int], kinds=("passkey", "kv_reca
                     result[L]["kinds"][k][mode] = sum(hits) / len(hits)
                 result[L][mode] = sum(result[L]["kinds"][k][mode] for k in kinds) / len(kinds)
     return result
+
+
+@torch.no_grad()
+def copy_hits(logits_fn: Callable, docs: list[Document]) -> list[bool]:
+    """One bool per answer token of equal-length documents: is the teacher-forced argmax that token?"""
+    ids_BT = torch.tensor([list(d.text.encode()) for d in docs], dtype=torch.long)
+    pred_BT = logits_fn(ids_BT, None).argmax(-1).cpu()  # pred[t] is the guess for token t + 1
+    return [bool(pred_BT[i, t - 1] == ids_BT[i, t]) for i, d in enumerate(docs) for a, b in d.answers for t in range(a, b)]
+
+
+def copy_accuracy(model, length: int, n: int = 32, seed: int = 0, mode: str = "dense") -> float:
+    """Share of the answer tokens of `n` `corpus.repeat_document`s of `length` tokens that the model predicts
+    (teacher-forced argmax): near 1 once an induction head copies, about 1/period for a model that only
+    guesses among the characters seen so far."""
+    if n < 1 or mode not in MODES:
+        raise ValueError(f"long_context.py copy_accuracy: need n >= 1 and mode in {MODES} (got n={n}, mode={mode!r})")
+    rng = random.Random(seed)
+    docs = [repeat_document(rng, length) for _ in range(n)]
+    device = _device(model)
+    with _eval_state(model):
+        model.set_attn_mode(mode)
+        hits = copy_hits(lambda ids, doc_ids: model(ids.to(device)), docs)
+    return sum(hits) / len(hits)
 
 
 def token_losses(logits_fn: Callable, ids_BT: torch.Tensor, doc_ids_BT: torch.Tensor | None = None):

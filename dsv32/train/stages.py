@@ -177,6 +177,20 @@ def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_
     return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
 
 
+def build_repeat_dataset(seq_len: int, seed: int, n_rows: int, answer_weight: float = 1.0,
+                         min_period: int = 4, max_period: int = 12):
+    """`n_rows` rows that each hold one `corpus.repeat_document` of exactly `seq_len` tokens (its eos ends the
+    row): the curriculum's first phase, short rows where the only thing to learn is copying (an induction head)."""
+    from ..data import ByteTokenizer, PackedDataset
+    from ..data.corpus import repeat_document
+
+    if n_rows < 1:
+        raise ValueError(f"build_repeat_dataset: n_rows={n_rows}; pass n_rows >= 1")
+    rng = random.Random(seed + 29)
+    docs = [repeat_document(rng, seq_len, min_period, max_period) for _ in range(n_rows)]
+    return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
+
+
 # -- model -----------------------------------------------------------------------------------------
 
 
