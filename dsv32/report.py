@@ -65,12 +65,13 @@ def checks(eval_: dict, details: dict, domains, minutes: float | None) -> dict:
                     if d in served and "non_thinking" in x), default=1.0)
 
     # A model is held to the domains it serves in non-thinking mode: the generalist (and base, distilled) all of
-    # them; a specialist and Speciale their own (they write that domain's data; off-domain they have forgotten the
-    # format along with the skill, which says nothing about the served model's non-thinking mode).
-    own = {m: [m.removeprefix("specialist-")] if m.startswith("specialist-") else ["math"] if m == "speciale"
-           else list(details[m]) for m in details}
+    # them; a specialist its own (it writes that domain's non-thinking data; off-domain it has forgotten the format
+    # along with the skill). Speciale serves thinking mode only (trained on thinking-mode reasoning data alone),
+    # so it is not held to the check. The worst over every domain stays in the report for all of them.
+    own = {m: [m.removeprefix("specialist-")] if m.startswith("specialist-") else list(details[m])
+           for m in details if m != "speciale"}
     if details:
-        by_model = {m: clean(m, own[m]) for m in details}
+        by_model = {m: clean(m, own[m]) for m in own}
         out["non_thinking_has_no_reasoning_block"] = {
             "ok": all(v == 1.0 for v in by_model.values()), "by_model": by_model, "domains": own,
             "any_domain": {m: clean(m, list(details[m])) for m in details}}

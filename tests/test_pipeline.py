@@ -162,12 +162,14 @@ def test_reasoning_block_check_holds_each_model_to_the_domains_it_serves():
         return {d: {"thinking": {"mean_length": 10.0}, "non_thinking": {"no_reasoning_block": clean.get(d, 1.0)}}
                 for d in ("math", "tool")}
 
-    details = {"base": det(), "specialist-math": det(tool=0.5), "generalist": det(), "speciale": det(tool=0.9)}
+    details = {"base": det(), "specialist-math": det(tool=0.5), "distilled": det(), "generalist": det(),
+               "speciale": det(tool=0.9)}
     c = checks({}, details, ["math", "tool"], None)["non_thinking_has_no_reasoning_block"]
     assert c["ok"] and c["domains"]["specialist-math"] == ["math"] and c["domains"]["generalist"] == ["math", "tool"]
     assert c["any_domain"]["specialist-math"] == 0.5   # reported, not held against it: off its domain
+    assert "speciale" not in c["by_model"] and c["any_domain"]["speciale"] == 0.9   # thinking only: reported
     for model, bad in (("generalist", {"tool": 0.99}), ("base", {"math": 0.98}), ("specialist-math", {"math": 0.9}),
-                       ("speciale", {"math": 0.97})):
+                       ("distilled", {"tool": 0.97})):
         c = checks({}, {**details, model: det(**bad)}, ["math", "tool"], None)["non_thinking_has_no_reasoning_block"]
         assert not c["ok"] and c["by_model"][model] < 1.0, model
 

@@ -152,3 +152,28 @@ def test_micro_recipe_covers_every_domain_and_writes_final(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert (tmp_path / "final" / "config.json").is_file()
     assert set(sft.RECIPES["tiny"].domains) == set(T.DOMAINS)
+
+
+def test_block_penalty_is_the_unlikelihood_of_a_reasoning_block_in_non_thinking_replies():
+    torch.manual_seed(0)
+    model = _model()
+    data = sft.SFTData(sft.task_examples({"math": 1, "logic": 1}, 6, [True, False]), 200, seed=0)
+    batch = data.batch(torch.arange(len(data)))
+    assert batch["non_thinking"].any() and (~batch["non_thinking"] & (batch["labels"] != IGNORE)).any()
+    plain, _ = sft.make_loss(data.domains)(model, batch)
+    penalised, extras = sft.make_loss(data.domains, block_penalty=0.5)(model, batch)
+    # by hand: the probability of <think> or </think> at the non-thinking target positions
+    probs = torch.softmax(model(batch["input_ids"], doc_ids=batch["doc_ids"]).float(), -1)
+    sel = (batch["labels"] != IGNORE) & batch["non_thinking"]
+    p = probs[sel][:, [TOK.token_id("<think>"), TOK.token_id("</think>")]].sum(-1)
+    assert torch.allclose(penalised - plain, 0.5 * -torch.log1p(-p).mean(), rtol=1e-4)
+    assert abs(extras["non_thinking_block_p"] - p.mean().item()) < 1e-5
+    # its gradient lowers that probability (thinking positions are left alone)
+    penalty = penalised - plain
+    grads = torch.autograd.grad(penalty, [q for q in model.parameters() if q.requires_grad], allow_unused=True)
+    with torch.no_grad():
+        for q, g in zip([q for q in model.parameters() if q.requires_grad], grads):
+            if g is not None:
+                q -= 0.5 * g
+    after = torch.softmax(model(batch["input_ids"], doc_ids=batch["doc_ids"]).float(), -1)
+    assert after[sel][:, [TOK.token_id("<think>"), TOK.token_id("</think>")]].sum(-1).mean() < p.mean()

@@ -64,10 +64,11 @@ def weighted(examples: list[sft.Example], weights: dict | None) -> list[sft.Exam
 
 
 def distill_sft(model, paths: list, cfg: TrainConfig, *, epochs: float | None = None, resume: bool = True,
-                metrics: Metrics | None = None, weights: dict | None = None) -> dict:
+                metrics: Metrics | None = None, weights: dict | None = None, block_penalty: float = 0.0) -> dict:
     """Sequence-level distillation: SFT of `model` on the union of the record files (in place), for cfg.steps
     optimizer steps or `epochs` passes over the records, whichever is fewer (the schedule follows); `weights`:
-    domain -> repeats of its records (`weighted`)."""
+    domain -> repeats of its records (`weighted`); `block_penalty`: `sft.make_loss`'s unlikelihood of a
+    reasoning block in non-thinking replies."""
     examples = weighted(sft_examples(paths), weights)
     data = sft.SFTData(examples, cfg.seq_len, cfg.seed)
     world = distributed.current().world_size
@@ -79,7 +80,7 @@ def distill_sft(model, paths: list, cfg: TrainConfig, *, epochs: float | None = 
     if epochs is not None:
         steps = max(1, min(cfg.steps, math.ceil(epochs * len(data) / cfg.batch_size)))
         cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
-    summary = sft.run_sft(model, data, cfg, resume=resume, metrics=metrics)
+    summary = sft.run_sft(model, data, cfg, resume=resume, metrics=metrics, block_penalty=block_penalty)
     modes = {"thinking": sum(e.thinking for e in examples), "non_thinking": sum(not e.thinking for e in examples)}
     return {**summary, "examples": len(examples), "rows": len(data), "target_tokens": data.target_tokens,
             "modes": modes, "domains": data.domains}
@@ -261,6 +262,8 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--epochs", type=float, default=None, help="at most this many passes over the records")
+    p.add_argument("--block-penalty", type=float, default=0.0,
+                   help="unlikelihood weight of <think>/</think> inside non-thinking replies (0: off)")
     p.add_argument("--weight", action="append", default=[], metavar="DOMAIN=N",
                    help="repeat a domain's records N times in the mix (repeatable; default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -287,7 +290,7 @@ def _main(argv: list[str]) -> int:
     cfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                       warmup_steps=min(args.warmup_steps, args.steps), out_dir=str(out / "sft"), bf16=args.bf16)
     s = distill_sft(model, args.data, cfg, epochs=args.epochs, resume=not args.no_resume,
-                    weights=parse_weights(args.weight))
+                    weights=parse_weights(args.weight), block_penalty=args.block_penalty)
     ctx.print(f"distill train: SFT on {s['examples']} records ({s['modes']['thinking']} thinking, "
               f"{s['modes']['non_thinking']} non-thinking), {s['steps']} steps, final loss {s['final_loss']:.4f}")
     if args.on_policy_steps:
