@@ -256,6 +256,11 @@ def test_repeat_documents_fill_the_length_and_answer_with_every_repeat():
     assert repeat_document(random.Random(3), 200).text == repeat_document(random.Random(3), 200).text
     with pytest.raises(ValueError, match="max_period"):
         repeat_document(random.Random(0), 64, min_period=8, max_period=4)
+    from dsv32.train.stages import build_documents
+
+    mixed = [d for d in build_documents(256, seed=0, n_synthetic=0, n_repeat=6) if not isinstance(d, str)]
+    assert len(mixed) == 6 and all(d.kind == "repeat" and 64 <= len(d.text) <= 255 for d in mixed)
+    assert len({len(d.text) for d in mixed}) > 1
     ds = build_repeat_dataset(32, seed=0, n_rows=10, answer_weight=4.0)
     assert len(ds) == 10 and bool((ds.doc_ids_NL == 0).all())  # one whole document per row, no padding
     assert ds.input_ids_NL[:, -1].eq(TOK.eos_id).all()

@@ -19,7 +19,7 @@ MICRO = {"n_layers": 2, "dim": 64, "inter_dim": 128, "moe.moe_inter_dim": 32, "m
 
 def _micro(**kw) -> recipe.Recipe:
     base = dict(seq_len=320, batch_size=2, pretrain_batch_size=3, pretrain_steps=6, warmup_steps=6, sparse_steps=4, n_synthetic=12,
-                induction_steps=3, induction_seq_len=32, induction_batch_size=4,
+                induction_steps=3, induction_seq_len=32, induction_batch_size=4, n_copy=8, n_repeat=8,
                 eval_lengths=(256, 320), eval_n=1, val_rows=2, overrides=MICRO)
     return recipe.Recipe(**{**base, **kw})
 

@@ -131,17 +131,19 @@ VAL_EVERY = 20  # every 20th natural document is held out for validation, never 
 
 def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                     max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                    n_copy: int = 0, kinds: tuple | None = None):
+                    n_copy: int = 0, kinds: tuple | None = None, n_repeat: int = 0):
     """The natural documents of `split` (stdlib docstrings) and synthetic long-range `Document`s.
 
     Synthetic documents are either all `synthetic_length` long (default: one packed row), or, with
     `min_synthetic_length`, of random lengths up to one row, so needles sit at every distance. The "val"
     split holds out every VAL_EVERY-th natural document and draws its synthetic documents from another seed.
     `n_copy` adds that many copy-episode documents of up to one row (`corpus.copy_document`); `kinds` is the
-    cycle of synthetic kinds with `min_synthetic_length` (default `corpus.RETRIEVAL_MIX`).
+    cycle of synthetic kinds with `min_synthetic_length` (default `corpus.RETRIEVAL_MIX`). `n_repeat` adds that many
+    documents of repeated strings (`corpus.repeat_document`) of 64 tokens up to one row: they keep (and stretch to
+    the row length) an induction head grown on short rows of them.
     """
     from ..data import natural_documents, synthetic_documents
-    from ..data.corpus import MIN_RETRIEVAL_LENGTH, RETRIEVAL_MIX, copy_document, retrieval_documents
+    from ..data.corpus import MIN_RETRIEVAL_LENGTH, RETRIEVAL_MIX, copy_document, repeat_document, retrieval_documents
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
@@ -153,6 +155,9 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
         rng = random.Random(synth_seed + 17)
         texts = texts + [copy_document(rng, rng.randint(MIN_RETRIEVAL_LENGTH, max(seq_len - 1, MIN_RETRIEVAL_LENGTH)))
                          for _ in range(n_copy)]
+    if n_repeat:
+        rng = random.Random(synth_seed + 31)
+        texts = texts + [repeat_document(rng, rng.randint(min(64, seq_len - 1), seq_len - 1)) for _ in range(n_repeat)]
     if not n_synthetic:
         return texts
     # A synthetic document must fit in one packed row (its eos included), or the question and the
@@ -167,13 +172,13 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
 
 def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                   max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                  answer_weight: float = 1.0, n_copy: int = 0, kinds: tuple | None = None):
+                  answer_weight: float = 1.0, n_copy: int = 0, kinds: tuple | None = None, n_repeat: int = 0):
     """Packed rows of natural documents mixed with synthetic long-range documents (`build_documents`);
     answer spans weigh `answer_weight` in the LM loss."""
     from ..data import ByteTokenizer, PackedDataset
 
     docs = build_documents(seq_len, seed, n_synthetic, synthetic_length, max_natural, split, min_synthetic_length,
-                           n_copy, kinds)
+                           n_copy, kinds, n_repeat)
     return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
 
 
