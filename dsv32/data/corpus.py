@@ -220,10 +220,11 @@ def repeat_document(rng: random.Random, length: int, min_period: int = 4, max_pe
     """Exactly `length` characters of episodes "sss|": a string s of `min_period`..`max_period` distinct
     characters (COPY_ALPHABET) said 2 to `max_repeats` times, the last episode cut at `length`.
 
-    The curriculum's first phase (short rows of these only): with distinct characters a token's earlier
-    occurrence marks one place, so copying what followed it is the only way to predict a repeat, and the
-    tiny model grows an induction head in a few hundred steps of such rows, where mixed long documents
-    take thousands. The answers are the repeats after their first character (which could also be "|")."""
+    The optional first phase of the DSA recipe (short rows of these only): with distinct characters a token's
+    earlier occurrence marks one place, so copying what followed it is the only way to predict a repeat. Measured
+    on the tiny model (rows of 32, batch 32): copying jumps after ~1300-1500 steps, but it stays specific to such
+    immediate repeats (it does not copy across a gap, nor the digits of a passkey). The answers are the repeats
+    after their first character (which could also be "|")."""
     if not 2 <= min_period <= max_period <= len(COPY_ALPHABET) or max_repeats < 2 or length < 2 * min_period:
         raise ValueError(f"corpus.py repeat_document: need 2 <= min_period <= max_period <= {len(COPY_ALPHABET)}, "
                          f"max_repeats >= 2 and length >= 2 * min_period (got length={length}, min_period="

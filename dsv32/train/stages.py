@@ -140,7 +140,7 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
     `n_copy` adds that many copy-episode documents of up to one row (`corpus.copy_document`); `kinds` is the
     cycle of synthetic kinds with `min_synthetic_length` (default `corpus.RETRIEVAL_MIX`). `n_repeat` adds that many
     documents of repeated strings (`corpus.repeat_document`) of 64 tokens up to one row: they keep (and stretch to
-    the row length) an induction head grown on short rows of them.
+    the row length) the copying learnt on short rows of them.
     """
     from ..data import natural_documents, synthetic_documents
     from ..data.corpus import MIN_RETRIEVAL_LENGTH, RETRIEVAL_MIX, copy_document, repeat_document, retrieval_documents
