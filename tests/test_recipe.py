@@ -59,6 +59,14 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, mon
     assert again["val_loss_sparse"] == dsa["val_loss_sparse"] and again["retrieval"] == dsa["retrieval"]
 
 
+def test_recipe_without_the_induction_phase_pretrains_from_scratch(tmp_path):
+    dsa = recipe.run(_micro(induction_steps=0, pretrain_steps=2, warmup_steps=2, sparse_steps=2, eval_lengths=(320,)),
+                     tmp_path, log=lambda line: None)
+    assert not (tmp_path / "induction").exists() and (tmp_path / "pretrain" / "final" / "config.json").is_file()
+    assert dsa["steps"]["induction"] == 0 and dsa["seconds"]["induction"] is None
+    assert set(dsa["copy_accuracy"]) == {"pretrain"} and 0.0 <= dsa["copy_accuracy"]["pretrain"]["320"] <= 1.0
+
+
 def test_recipe_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown recipe keys.*'sparse_stpes'"):
         recipe.Recipe.from_dict({"sparse_stpes": 3})
