@@ -84,8 +84,8 @@ def test_report_holds_eval_timeline_dsa_rl_and_plots(run):
 
 def test_generated_records_are_verified_training_answers(run):
     out, report, _ = run
-    gen = CFG.generate
-    total = 0
+    gen, weights = CFG.generate, CFG.distill.get("weights", {})
+    total = weighted = 0
     for d in DOMAINS:
         train = {t.prompt: t for t in T.make_tasks(d, gen["prompts"], split="train", allow_fewer=True)}
         rows = [json.loads(x) for x in (out / "generate" / f"{d}.jsonl").read_text().splitlines()]
@@ -99,10 +99,13 @@ def test_generated_records_are_verified_training_answers(run):
             assert T.verify(task, row["messages"][-1]["content"])
             if row["mode"] == "non_thinking":
                 assert row["reasoning_content"] is None
+            elif {**gen, **gen.get("by_domain", {}).get(d, {})}.get("check_reasoning", True):
+                assert T.reasoning_ok(task, row["reasoning_content"])   # right step by step, not only at the end
         keys = [(r["mode"], r["messages"][0]["content"]) for r in rows]
         assert len(keys) == len(set(keys))                          # deduplicated
         total += len(rows)
-    assert total > 0 and report["stages"]["distill"]["examples"] == total
+        weighted += len(rows) * weights.get(d, 1)
+    assert total > 0 and report["stages"]["distill"]["examples"] == weighted   # each domain's records x its weight
 
 
 def test_rerun_skips_finished_stages_and_from_redoes_the_tail(run):
