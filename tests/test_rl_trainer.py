@@ -243,6 +243,16 @@ def test_process_supervision_blames_the_wrong_line_and_reaches_the_loss(tmp_path
     assert all(a > 0 for a in right.token_adv[2:])
     assert late.token_adv[second] < late.token_adv[first]     # its wrong line is blamed more than its right one
     assert early.token_adv[second] > late.token_adv[second]   # "14-9=5" holds, "13-9=5" does not
+    # a tool loop: the first turn's tokens come before every step of the last turn; tool output carries nothing
+    call, out, last = TOK.encode("call"), TOK.encode("7"), TOK.encode("9+4=13</think>13")
+    ids = [1, 2] + call + out + last
+    mask = [0, 0] + [1] * len(call) + [0] * len(out) + [1] * len(last)
+    tool = [Sample(0, T.Task("q", "13", "math"), True, ids, 2, mask, [0.0] * len(ids), text=TOK.decode(last),
+                   reward=r) for r in (1.0, 0.0)]
+    token_advantages(tool, TOK)
+    a = tool[0].token_adv
+    assert all(x == a[2] for x in a[2:2 + len(call)]) and a[2] == a[2 + len(call) + len(out)]
+    assert all(x == 0.0 for x in a[2 + len(call): 2 + len(call) + len(out)])
     batch = collate([right, late], 288, "cpu")
     assert torch.equal(batch["adv"][0, 1:3], torch.tensor(right.token_adv[2:4]))   # shifted like the targets
     trainer = GRPOTrainer(micro_model(), micro_cfg(advantage="process", minibatches=1), tmp_path)
