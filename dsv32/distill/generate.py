@@ -89,17 +89,23 @@ class Stats:
                 "records": self.records, "mean_length": self.tokens / n, "mean_reward": self.reward / n}
 
 
+def reasoning_right(sample) -> bool:
+    """A thinking reply's reasoning is right step by step (`rl.tasks.reasoning_ok`), not only its final answer."""
+    from ..rl.tasks import reasoning_ok
+
+    return reasoning_ok(sample.task, parse_assistant(sample.text, thinking=True)["reasoning_content"])
+
+
 def verified(sample, tokenizer, check_reasoning: bool = False) -> bool:
     """Finished, well formed, the final answer verifies; a thinking reply's reasoning is right step by step
     (`check_reasoning`); a non-thinking reply has no reasoning block anywhere."""
     from ..eval.suites import correct
-    from ..rl.tasks import reasoning_ok
 
     parsed = parse_assistant(sample.text, thinking=sample.thinking)
     if not correct(sample) or not parsed["well_formed"]:
         return False
     if sample.thinking:
-        return not check_reasoning or reasoning_ok(sample.task, parsed["reasoning_content"])
+        return not check_reasoning or reasoning_right(sample)
     generated = tokenizer.decode([t for t, m in zip(sample.ids, sample.gen_mask) if m])
     return "<think>" not in generated and "</think>" not in generated
 
@@ -142,8 +148,10 @@ def best_of_n(samples: list, group_size: int, domain: str, source_model: str, *,
     for uid in range(n_prompts):
         scored = []
         for s in samples[uid * group_size:(uid + 1) * group_size]:
-            if not verified(s, tok, check_reasoning):
-                st.wrong_reasoning += check_reasoning and s.thinking and verified(s, tok)
+            if not verified(s, tok):
+                continue
+            if check_reasoning and s.thinking and not reasoning_right(s):
+                st.wrong_reasoning += 1
                 continue
             info = {"thinking": s.thinking, "truncated": s.truncated, "n_tokens": s.n_generated,
                     "max_tokens": max_tokens * max(s.turns, 1), "transcript": s.transcript}

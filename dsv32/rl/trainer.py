@@ -55,12 +55,12 @@ def success(sample) -> bool:
     return (not sample.truncated) and bool(content.strip()) and T.verify(sample.task, content.strip())
 
 
-def token_advantages(samples, tokenizer) -> None:
+def token_advantages(samples, tokenizer) -> float:
     """Process supervision (`advantage: process`): set each sample's `token_adv`. The steps of a completion are
     its `a op b = c` lines (reward 1 if the line holds, else 0), then its outcome (the rubric's total);
     `advantages.process_advantages` turns them into one advantage per step, and each generated token of the last
     turn takes the advantage of the first step ending at or after it. Earlier turns (the tool loop) precede every
-    step. A completion with no reward gets 0 everywhere."""
+    step. A completion with no reward gets 0 everywhere. Returns the share of checked lines that hold."""
     steps, ends = [], []
     for s in samples:
         checks = arithmetic_steps(s.text) if s.reward is not None else []
@@ -81,6 +81,8 @@ def token_advantages(samples, tokenizer) -> None:
                     j += 1
                 token_adv[start + k] = adv[j] if j < len(end) else 0.0
         s.token_adv = token_adv
+    lines = [r for rs in steps for r in rs[:-1]]   # every step but the outcome
+    return sum(lines) / len(lines) if lines else 0.0
 
 
 def policy_logprobs(model, batch: dict, entropy: bool = False, entropy_grad: bool = False):
@@ -285,10 +287,8 @@ class GRPOTrainer:
         adv, adv_stats = group_advantages([s.reward for s in samples], [s.uid for s in samples],
                                           "group_mean" if process else cfg.advantage)
         if process:
-            token_advantages(samples, self.tok)
+            adv_stats["process/step_accuracy"] = token_advantages(samples, self.tok)
             adv = torch.tensor([float(any(s.token_adv)) for s in samples])   # 0: no gradient (dropped below)
-            checks = [ok for s in samples for _, ok in arithmetic_steps(s.text)]
-            adv_stats["process/step_accuracy"] = sum(checks) / len(checks) if checks else 0.0
         logs = {**adv_stats, **summarize([(s.reward, s.components) for s in samples], [s.task for s in samples])}
         lengths = [s.n_generated for s in samples]
         done = [n for n, s in zip(lengths, samples) if not s.truncated]
