@@ -159,7 +159,7 @@ def micro() -> PipelineConfig:
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
         specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl,
                          sft=dict(steps=2, lr=2e-3, batch_size=1, seq_len=480, warmup_steps=1, tasks_per_domain=4)),
-        generate=dict(prompts=16, samples=4, temperature=0.7, max_tokens=24, max_turns=2),
+        generate=dict(prompts=16, samples=4, temperature=0.7, max_tokens=24, max_turns=2, negatives=4),
         distill=dict(steps=3, lr=2e-3, batch_size=2, seq_len=640, warmup_steps=1, on_policy_steps=0,
                      weights={"logic": 2}, block_penalty=1.0),
         mixed=dict(steps=2, rl=rl),

@@ -101,6 +101,30 @@ def test_direct_records_fill_missing_non_thinking_answers_without_reasoning():
     assert not ex.thinking and trained == a.answer + EOS
 
 
+def test_negative_records_are_failed_direct_replies_that_render_back_and_train_no_cross_entropy():
+    task = next(t for t in T.make_tasks("tool", 30) if t.meta["calls"][0]["name"] == "lookup")
+    wrong = CALLS.format("lookup", json.dumps({"name": "Zzz"}))     # -> "no entry for Zzz": off the verified path
+    right = CALLS.format("lookup", json.dumps(task.meta["calls"][0]["arguments"]))
+    # prompt 1: a leaked block (cannot render back: escaped), then a clean wrong reply; prompt 2: verified only
+    replies = [[f"1</think>2{EOS}", wrong, right, right], [f"7{EOS}", f"{task.answer}{EOS}", f"{task.answer}{EOS}"]]
+    samples = rollout(ScriptedEngine(replies), TOK, [task, task], group_size=2, params=SamplingParams(),
+                      thinking=False)
+    negs = G.negative_records(samples, 2, "tool", "specialist-tool", limit=5)
+    [neg] = negs
+    assert neg["negative"] is True and neg["mode"] == "non_thinking" and neg["reasoning_content"] is None
+    assert "no entry for Zzz" in neg["messages"][2]["content"] and not T.verify(task, neg["messages"][-1]["content"])
+    ex = sft.record_example(json.loads(json.dumps(neg)), TOK)
+    assert not ex.learn and not ex.thinking and ex.ids == samples[1].ids and sum(ex.mask) > 0
+    assert G.negative_records(samples, 2, "tool", "s", limit=0) == []
+    with pytest.raises(ValueError, match="non-thinking"):
+        sft.record_example({**neg, "mode": "thinking"}, TOK)
+    # the direct-answer fill ignores negatives: a prompt with only a negative record still gets its fill
+    think = {"messages": [{"role": "user", "content": task.prompt},
+                          {"role": "assistant", "content": task.answer, "reasoning_content": "r"}],
+             "reasoning_content": "r", "mode": "thinking", "domain": "tool"}
+    assert len(G.direct_records([think, neg])) == 1
+
+
 def test_reasoning_ok_checks_every_step_not_only_the_final_answer():
     import doctest
 

@@ -85,11 +85,18 @@ def test_report_holds_eval_timeline_dsa_rl_and_plots(run):
 def test_generated_records_are_verified_training_answers(run):
     out, report, _ = run
     gen, weights = CFG.generate, CFG.distill.get("weights", {})
-    total = weighted = 0
+    total = weighted = n_negatives = 0
     for d in DOMAINS:
         train = {t.prompt: t for t in T.make_tasks(d, gen["prompts"], split="train", allow_fewer=True)}
-        rows = [json.loads(x) for x in (out / "generate" / f"{d}.jsonl").read_text().splitlines()]
+        every = [json.loads(x) for x in (out / "generate" / f"{d}.jsonl").read_text().splitlines()]
         stats = json.loads((out / "generate" / f"{d}.stats.json").read_text())["modes"]
+        rows = [r for r in every if not r.get("negative")]
+        negatives = [r for r in every if r.get("negative")]   # failed direct replies: block penalty only
+        assert len(negatives) == stats["non_thinking"].get("negatives", 0) <= gen["negatives"]
+        for row in negatives:
+            task = train[row["messages"][0]["content"]]
+            assert row["mode"] == "non_thinking" and not T.verify(task, row["messages"][-1]["content"])
+        n_negatives += len(negatives)
         assert len(rows) == sum(s["records"] for s in stats.values()) == sum(report["data"][d][m]["records"]
                                                                              for m in stats)
         for row in rows:
@@ -104,8 +111,9 @@ def test_generated_records_are_verified_training_answers(run):
         keys = [(r["mode"], r["messages"][0]["content"]) for r in rows]
         assert len(keys) == len(set(keys))                          # deduplicated
         total += len(rows)
-        weighted += len(rows) * weights.get(d, 1)
+        weighted += len(every) * weights.get(d, 1)
     assert total > 0 and report["stages"]["distill"]["examples"] == weighted   # each domain's records x its weight
+    assert n_negatives > 0 and report["stages"]["distill"]["modes"]["negative"] > 0
 
 
 def test_rerun_skips_finished_stages_and_from_redoes_the_tail(run):

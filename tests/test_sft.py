@@ -177,3 +177,33 @@ def test_block_penalty_is_the_unlikelihood_of_a_reasoning_block_in_non_thinking_
                 q -= 0.5 * g
     after = torch.softmax(model(batch["input_ids"], doc_ids=batch["doc_ids"]).float(), -1)
     assert after[sel][:, [TOK.token_id("<think>"), TOK.token_id("</think>")]].sum(-1).mean() < p.mean()
+
+
+def test_negative_examples_get_only_the_block_penalty():
+    torch.manual_seed(0)
+    model = _model()
+    examples = sft.task_examples({"math": 1, "logic": 1}, 6, [True, False])
+    for e in examples[1::4]:
+        e.learn = e.thinking = False   # negatives are non-thinking
+    data = sft.SFTData(examples, 200, seed=0)
+    batch = data.batch(torch.arange(len(data)))
+    assert (~batch["learn"] & (batch["labels"] != IGNORE)).any()
+    plain, _ = sft.make_loss(data.domains)(model, batch)
+    penalised, _ = sft.make_loss(data.domains, block_penalty=1.0)(model, batch)
+    logits = model(batch["input_ids"], doc_ids=batch["doc_ids"]).float()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
+                                           reduction="none").view_as(batch["labels"])
+    learn = (batch["labels"] != IGNORE) & batch["learn"]
+    assert torch.allclose(plain, ce[learn].mean(), rtol=1e-4)          # no cross-entropy on negatives
+    direct = (batch["labels"] != IGNORE) & batch["non_thinking"]      # the penalty: every non-thinking target
+    p = torch.softmax(logits, -1)[direct][:, [TOK.token_id("<think>"), TOK.token_id("</think>")]].sum(-1)
+    assert torch.allclose(penalised - plain, -torch.log1p(-p).mean(), rtol=1e-4)
+    assert data.target_tokens == int(((data.mask_NL & data.learn_NL)).sum()) < int(data.mask_NL.sum())
+
+
+def test_recipe_block_penalty_reaches_the_loss(tmp_path):
+    recipe = sft.Recipe(domains={"math": 1}, tasks_per_domain=4, steps=2, batch_size=2, seq_len=200, warmup_steps=1,
+                        block_penalty=1.0)
+    sft.run_recipe(_model(), recipe, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("non_thinking_block_p" in r for r in rows)

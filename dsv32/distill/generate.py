@@ -15,7 +15,9 @@ rubric (ties: the shortest) becomes the record (rejection sampling, best of N). 
      "source_model": "specialist-math", "verifier_scores": {"total": 1.5, "correctness": 1.0, ...},
      "tools": [...] | absent}
 
-which `dsv32 sft --data` and `dsv32 distill train` read. Statistics per domain and mode (prompts, candidates,
+which `dsv32 sft --data` and `dsv32 distill train` read. With `negatives` (`--negatives N`), up to N failed
+non-thinking replies follow as `"negative": true` records: the distillation trains no cross-entropy on them, only
+the block penalty (`negative_records`). Statistics per domain and mode (prompts, candidates,
 verified rate, prompt yield, duplicates, records, mean length) go beside the file as `<name>.stats.json`.
 """
 
@@ -54,11 +56,16 @@ class GenerateConfig:
     # right final answer: measured on the tiny specialists, 117 of 153 verified logic traces had a wrong order
     # (`Bob>Bob>Hal`) and 18 of 601 math traces a wrong step (`6-4=0\n0-2=0`) before a lucky answer.
     check_reasoning: bool = True
+    # Up to this many failed non-thinking replies (one per prompt) kept as negative records (`negative_records`):
+    # the distillation trains no cross-entropy on them, only the unlikelihood of a reasoning block
+    # (`sft.make_loss`), so the generalist also learns the non-thinking format off the verified path.
+    negatives: int = 0
 
     def __post_init__(self):
         self.modes = tuple(m.replace("-", "_") for m in self.modes)
         checks = [("prompts", self.prompts >= 1, "must be >= 1"), ("samples", self.samples >= 1, "must be >= 1"),
                   ("thinking_samples", self.thinking_samples >= 0, "must be >= 0 (0: samples)"),
+                  ("negatives", self.negatives >= 0, "must be >= 0 (0: none)"),
                   ("temperature", self.temperature > 0, "must be > 0 (best of N needs distinct candidates)"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("modes", bool(self.modes) and set(self.modes) <= set(MODES),
@@ -203,6 +210,10 @@ def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokeniz
             recs, stats[mode] = best_of_n(samples, n, domain, source_model, max_tokens=cfg.max_tokens,
                                           tokenizer=tok, check_reasoning=cfg.check_reasoning)
             records += recs
+            if mode == "non_thinking" and cfg.negatives:
+                negs = negative_records(samples, n, domain, source_model, cfg.negatives, tok)
+                stats[mode]["negatives"] = len(negs)
+                records += negs
     finally:
         model.train(was_training)
     if cfg.fill_non_thinking and "non_thinking" in stats:
@@ -210,6 +221,33 @@ def generate(model, domain: str, cfg: GenerateConfig, source_model: str, tokeniz
         stats["non_thinking"].update(from_thinking=len(extra), records=stats["non_thinking"]["records"] + len(extra))
         records += extra
     return records, stats
+
+
+def negative_records(samples: list, group_size: int, domain: str, source_model: str, limit: int,
+                     tokenizer=None) -> list[dict]:
+    """Failed non-thinking replies as negative records (`"negative": true`): per prompt the first candidate that
+    does not verify, ended with EOS and renders back to exactly its tokens, up to `limit` prompts in order.
+
+    Why: a distilled tiny generalist wrote `x</think>y` after the non-thinking opener only in states its records
+    never show, e.g. after a tool output `no entry for Kaho` from a wrong lookup (3 of 100 held-out tool replies).
+    A specialist's own failures reach such states; trained with the block penalty alone (no cross-entropy: the
+    replies are wrong), they teach the format there without teaching the wrong answers."""
+    from ..train.sft import record_example
+
+    tok = tokenizer or ByteTokenizer()
+    out = []
+    for uid in range(len(samples) // group_size):
+        if len(out) >= limit:
+            break
+        for s in samples[uid * group_size:(uid + 1) * group_size]:
+            if s.thinking or s.truncated or verified(s, tok):
+                continue
+            rec = {**record_of(s, domain, source_model, {"verified": False}), "negative": True}
+            if record_example(rec, tok).ids != list(s.ids):   # e.g. a `</think>` in the reply: escaped on render
+                continue
+            out.append(rec)
+            break
+    return out
 
 
 def direct_records(records: list[dict]) -> list[dict]:
@@ -224,7 +262,7 @@ def direct_records(records: list[dict]) -> list[dict]:
     def prompt(r: dict) -> str:
         return next(m["content"] for m in r["messages"] if m["role"] == "user")
 
-    have = {prompt(r) for r in records if r["mode"] == "non_thinking"}
+    have = {prompt(r) for r in records if r["mode"] == "non_thinking" and not r.get("negative")}
     out = []
     for r in records:
         if r["mode"] != "thinking" or prompt(r) in have:
@@ -258,6 +296,8 @@ def main(argv: list[str]) -> int:
                    help="candidates per prompt in thinking mode (default: --samples)")
     p.add_argument("--no-check-reasoning", action="store_true",
                    help="keep thinking answers whose final answer verifies even when a step is wrong")
+    p.add_argument("--negatives", type=int, default=d.negatives,
+                   help="keep up to N failed non-thinking replies as negative records (block penalty only)")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--difficulty", type=int, default=d.difficulty)
@@ -267,7 +307,8 @@ def main(argv: list[str]) -> int:
     if args.domain not in DOMAINS:
         raise ValueError(f"--domain {args.domain!r}: choose one of {', '.join(DOMAINS)}")
     cfg = GenerateConfig(prompts=args.prompts, samples=args.samples, thinking_samples=args.thinking_samples,
-                         check_reasoning=not args.no_check_reasoning, temperature=args.temperature,
+                         check_reasoning=not args.no_check_reasoning, negatives=args.negatives,
+                         temperature=args.temperature,
                          max_tokens=args.max_tokens, difficulty=args.difficulty, seed=args.seed,
                          modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()))
     model = build_model(init_from=args.model)

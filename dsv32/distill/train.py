@@ -81,7 +81,8 @@ def distill_sft(model, paths: list, cfg: TrainConfig, *, epochs: float | None = 
         steps = max(1, min(cfg.steps, math.ceil(epochs * len(data) / cfg.batch_size)))
         cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
     summary = sft.run_sft(model, data, cfg, resume=resume, metrics=metrics, block_penalty=block_penalty)
-    modes = {"thinking": sum(e.thinking for e in examples), "non_thinking": sum(not e.thinking for e in examples)}
+    modes = {"thinking": sum(e.thinking for e in examples), "non_thinking": sum(not e.thinking for e in examples),
+             "negative": sum(not e.learn for e in examples)}   # non-thinking, block penalty only
     return {**summary, "examples": len(examples), "rows": len(data), "target_tokens": data.target_tokens,
             "modes": modes, "domains": data.domains}
 

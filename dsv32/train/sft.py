@@ -59,6 +59,7 @@ class Recipe:
     warmup_steps: int = 20
     seed: int = 0
     check: bool = False   # thinking traces of chain tasks end with their self-check (`rl.tasks.checked_solution`)
+    block_penalty: float = 0.0   # `make_loss`: unlikelihood of <think>/</think> in non-thinking replies (0: off)
 
 
 RECIPES = {
@@ -91,6 +92,7 @@ class Example:
     mask: list[int]      # 1 where the token is a training target (assistant-generated)
     domain: str
     thinking: bool
+    learn: bool = True   # False: a negative example (a failed reply), no cross-entropy; only `block_penalty` sees it
 
 
 def encode(messages: list[dict], tokenizer, *, thinking: bool, tools=None, domain: str = "") -> Example:
@@ -145,6 +147,10 @@ def record_example(row: dict, tokenizer) -> Example:
     from ..rl.tasks import DESCRIBE_TOOLS, TOOLS
 
     thinking = MODES[row.get("mode", "thinking")]
+    negative = bool(row.get("negative", False))
+    if negative and thinking:
+        raise ValueError("a negative record (\"negative\": true) must be non-thinking: it only teaches that a "
+                         "non-thinking reply holds no reasoning block; set \"mode\": \"non_thinking\" or drop it")
     msgs = [dict(m) for m in row["messages"]]
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     if thinking and not msgs[last].get("reasoning_content") and row.get("reasoning_content"):
@@ -153,7 +159,9 @@ def record_example(row: dict, tokenizer) -> Example:
     if tools is None and DESCRIBE_TOOLS:
         names = {c["function"]["name"] for m in msgs for c in (m.get("tool_calls") or [])}
         tools = [TOOLS[n] for n in sorted(names) if n in TOOLS] or None
-    return encode(msgs, tokenizer, thinking=thinking, tools=tools, domain=str(row.get("domain", "data")))
+    ex = encode(msgs, tokenizer, thinking=thinking, tools=tools, domain=str(row.get("domain", "data")))
+    ex.learn = not negative
+    return ex
 
 
 def _best_fit(examples: list[Example], L: int, seed: int) -> list[list[int]]:
@@ -198,6 +206,7 @@ class SFTData:
         self.docs_NL = torch.full((N, L), -1, dtype=torch.long)
         self.dom_NL = torch.full((N, L), -1, dtype=torch.long)
         self.direct_NL = torch.zeros(N, L, dtype=torch.bool)   # tokens of non-thinking conversations
+        self.learn_NL = torch.zeros(N, L, dtype=torch.bool)    # tokens of conversations with a cross-entropy
         for r, members in enumerate(rows):
             at = 0
             for seg, i in enumerate(members):
@@ -207,9 +216,10 @@ class SFTData:
                 self.docs_NL[r, at:at + n] = seg
                 self.dom_NL[r, at:at + n] = self.domains.index(e.domain)
                 self.direct_NL[r, at:at + n] = not e.thinking
+                self.learn_NL[r, at:at + n] = e.learn
                 at += n
         self.seed, self.epoch, self.cursor, self._it = seed, 0, 0, None
-        self.target_tokens = int(self.mask_NL.sum())
+        self.target_tokens = int((self.mask_NL & self.learn_NL).sum())   # cross-entropy targets
 
     def __len__(self) -> int:
         return self.ids_NL.shape[0]
@@ -219,7 +229,8 @@ class SFTData:
         labels_BT = ids_BL[:, 1:].masked_fill(~self.mask_NL[idx, 1:], IGNORE)
         labels_BT[docs_BL[:, 1:] != docs_BL[:, :-1]] = IGNORE  # never predict across conversations
         return {"input_ids": ids_BL[:, :-1], "labels": labels_BT, "doc_ids": docs_BL[:, :-1],
-                "domain_ids": self.dom_NL[idx, 1:], "non_thinking": self.direct_NL[idx, 1:]}
+                "domain_ids": self.dom_NL[idx, 1:], "non_thinking": self.direct_NL[idx, 1:],
+                "learn": self.learn_NL[idx, 1:]}
 
     def batches(self, batch_size: int):
         if not 1 <= batch_size <= len(self):
@@ -262,7 +273,12 @@ def make_loss(domains: list[str], block_penalty: float = 0.0):
     closing a reasoning block there, -log(1 - p(<think>) - p(</think>)) (mean, times the penalty): the template's
     rule that a non-thinking reply never holds either token, taught at every position of the reply, not only
     where the records happen to show the next token. Without it a distilled tiny model writes `x</think>y` after
-    the non-thinking opener on prompts its records do not cover (measured: 1-2% of held-out replies)."""
+    the non-thinking opener on prompts its records do not cover (measured: 1-2% of held-out replies).
+
+    Negative examples (`Example.learn` False: a specialist's failed non-thinking replies) get no cross-entropy, only
+    the penalty: they reach the states off the verified path (a tool output that says `no entry for X`) where a
+    distilled model wrote `</think>` (unlikelihood training, Welleck et al. 2019, on the model family's own
+    mistakes)."""
     block_ids = [ByteTokenizer().token_id(t) for t in (THINK_BEGIN, THINK_END)]
 
     def sft_loss(model, batch: dict):
@@ -271,15 +287,16 @@ def make_loss(domains: list[str], block_penalty: float = 0.0):
         logits_BTV = model(batch["input_ids"], doc_ids=batch["doc_ids"], trace=trace)
         ce_BT = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
                                 reduction="none").view_as(batch["labels"])
-        target_BT = batch["labels"] != IGNORE
-        loss = distributed.global_mean(ce_BT.sum(), target_BT.sum())  # under torchrun: the global batch's mean
+        assistant_BT = batch["labels"] != IGNORE
+        target_BT = assistant_BT & batch["learn"] if "learn" in batch else assistant_BT   # cross-entropy targets
+        loss = distributed.global_mean((ce_BT * target_BT).sum(), target_BT.sum())  # under torchrun: global mean
         extras = {}
         for i, d in enumerate(domains):
             sel = target_BT & (batch["domain_ids"] == i)
             if sel.any():
                 extras[f"sft_loss/{d}"] = (ce_BT[sel].mean()).item()
         if block_penalty > 0:
-            direct_BT = target_BT & batch["non_thinking"]
+            direct_BT = assistant_BT & batch["non_thinking"]
             p_block = torch.softmax(logits_BTV[direct_BT].float(), -1)[:, block_ids].sum(-1)
             unlikely = distributed.global_mean(-torch.log1p(-p_block.clamp(max=1 - 1e-6)).sum(), direct_BT.sum())
             extras["non_thinking_block_p"] = p_block.mean().item() if p_block.numel() else 0.0
@@ -348,6 +365,8 @@ def make_parser() -> argparse.ArgumentParser:
     for name, kind in (("tasks-per-domain", int), ("difficulty", int), ("steps", int), ("lr", float),
                        ("batch-size", int), ("seq-len", int), ("warmup-steps", int), ("seed", int)):
         p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--block-penalty", type=float, default=None,
+                   help="unlikelihood weight of <think>/</think> inside non-thinking replies (default 0: off)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
@@ -385,7 +404,7 @@ def run_recipe(model, recipe: Recipe, out_dir, data_files=(), resume: bool = Tru
                       ckpt_every=ckpt_every, out_dir=str(out_dir), bf16=bf16)
     distributed.current().print(f"sft: {len(examples)} conversations in {len(data)} rows of {recipe.seq_len + 1} "
                                 f"tokens ({data.target_tokens} target tokens), {model.cfg.attn_mode} attention")
-    summary = run_sft(model, data, cfg, resume=resume)
+    summary = run_sft(model, data, cfg, resume=resume, block_penalty=recipe.block_penalty)
     distributed.export_hf(model, Path(out_dir) / "final")  # consolidated on rank 0 when sharded
     return {**summary, "examples": len(examples)}
 
