@@ -8,6 +8,7 @@ import torch
 from dsv32.data import (SPECIALS, ByteTokenizer, PackedDataset, kv_recall_document, multihop_document,
                         natural_documents, pack, passkey_document, read_jsonl, read_parquet, read_text_files,
                         synthetic_documents)
+from dsv32.data.corpus import ANSWER_MARK
 
 TOK = ByteTokenizer()
 
@@ -40,13 +41,17 @@ def test_synthetic_documents_deterministic_with_answers_at_spans(make):
     for s, e in a.answers:
         ans = a.text[s:e]
         assert ans.strip() == ans and ans, ans
-        assert a.text[s - 1] == " " and a.text[e] == "."  # the span is the whole answer, nothing more
+        assert a.text[e] == "."  # the span is the whole answer, nothing more
+        if a.kind != "multihop":
+            assert a.text[s - 1] == ANSWER_MARK  # right after the mark, in the needle's own form
     if a.kind == "passkey":
-        assert a.text.index(a.answer_texts()[0]) < a.answers[0][0]  # the key appeared earlier (the needle)
+        key = a.answer_texts()[0]
+        assert a.text.count(ANSWER_MARK) == 2 and f"The pass key is {ANSWER_MARK}{key}." in a.text[:a.answers[0][0]]
+        assert a.text[:a.answers[0][0]].endswith(f"The pass key is {ANSWER_MARK}")  # the question restates it
     if a.kind == "kv_recall":
         for (s, _), v in zip(a.answers, a.answer_texts()):
-            key = a.text[:s].rsplit("value of ", 1)[1].split("?")[0]
-            assert f"\n{key}: {v}\n" in a.text[:s]
+            key = a.text[:s].rsplit("\n", 1)[1][:-1]
+            assert f"\n{key}{ANSWER_MARK}{v}\n" in a.text[:s]
     if a.kind == "multihop":
         start = a.text.split("Start at ")[1].split(" ")[0]
         node = start
@@ -58,6 +63,10 @@ def test_synthetic_documents_deterministic_with_answers_at_spans(make):
 def test_passkey_depths_vary_and_short_length_is_an_error():
     depths = {passkey_document(random.Random(s), 1000).text.index("pass key is") for s in range(10)}
     assert len(depths) > 5
+    shallow, deep = passkey_document(random.Random(0), 400, 0.0), passkey_document(random.Random(0), 400, 1.0)
+    assert shallow.text.index("pass key is") < 10 and deep.text.index("pass key is") > 300
+    with pytest.raises(ValueError, match="depth"):
+        passkey_document(random.Random(0), 400, 1.5)
     with pytest.raises(ValueError, match="length >= "):
         passkey_document(random.Random(0), 20)
     assert [d.kind for d in synthetic_documents(0, 4, 800)] == ["passkey", "kv_recall", "multihop", "passkey"]
@@ -349,7 +358,7 @@ def test_retrieval_documents_take_a_cycle_of_kinds():
 
     docs = retrieval_documents(2, 40, 140, 255, kinds=("passkey", "kv_recall"))
     assert [d.kind for d in docs] == ["passkey", "kv_recall"] * 20
-    pairs = {d.text.count(": ") for d in docs if d.kind == "kv_recall"}
+    pairs = {d.text.count(ANSWER_MARK) - len(d.answers) for d in docs if d.kind == "kv_recall"}
     assert max(pairs) >= 4 and all(len(d.text) <= 255 for d in docs)  # the evaluation's 4 pairs are covered
     with pytest.raises(ValueError, match="kinds"):
         retrieval_documents(2, 4, 140, 255, kinds=("passkey", "needle"))

@@ -91,7 +91,7 @@ def test_passkey_depths_place_the_needle():
     shallow, deep = passkey_at_depth(rng, 400, 0.1), passkey_at_depth(rng, 400, 0.9)
     assert len(shallow.text) == len(deep.text) == 400
     key_s, key_d = shallow.answer_texts()[0], deep.answer_texts()[0]
-    assert shallow.text.index(f"The pass key is {key_s}") < 100 < 200 < deep.text.index(f"The pass key is {key_d}")
+    assert shallow.text.index(f"The pass key is #{key_s}") < 100 < 200 < deep.text.index(f"The pass key is #{key_d}")
 
 
 def test_retrieval_accuracy_structure_and_mode_restored(model):

@@ -78,28 +78,45 @@ def _too_short(fn: str, length: int, need: int):
                      f"({need} characters); pass length >= {need}")
 
 
-def passkey_document(rng: random.Random, length: int) -> Document:
-    """A 5-digit pass key hidden at a random depth in `length` characters of filler; question and answer last."""
+ANSWER_MARK = "#"  # the byte right before every retrieval answer; it never occurs in FILLER
+
+
+def passkey_document(rng: random.Random, length: int, depth: float | None = None) -> Document:
+    """A 5-digit pass key hidden in `length` characters of filler (at relative `depth` in [0, 1] of the filler,
+    random when None); question and answer last.
+
+    The format of Mohtashami & Jaggi, with the question ending in the needle's own words: the needle says "The pass
+    key is #73519." and the document ends "What is the pass key? The pass key is #73519.", so the answer follows the
+    same bytes in both places and copying what followed the earlier "#" answers it (an induction head), where the
+    older " ... is 73519" asked the model to match a prefix whose last bytes ("is ") run all through the filler.
+    ANSWER_MARK occurs nowhere else in the document."""
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise ValueError(f"corpus.py passkey_document: depth={depth}; pass a value in [0, 1] or None")
     key = str(rng.randrange(10000, 100000))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = " What is the pass key? The pass key is "
+    needle = f" The pass key is {ANSWER_MARK}{key}. Remember it. "
+    question = f" What is the pass key? The pass key is {ANSWER_MARK}"
     body = length - len(needle) - len(question) - len(key) - 1
     if body < 0:
         _too_short("passkey_document", length, length - body)
-    depth = rng.randrange(body + 1)
-    text = filler(rng, depth) + needle + filler(rng, body - depth) + question
+    at = rng.randrange(body + 1) if depth is None else round(depth * body)
+    text = filler(rng, at) + needle + filler(rng, body - at) + question
     return Document(text + key + ".", [(len(text), len(text) + len(key))], "passkey")
 
 
 def kv_recall_document(rng: random.Random, length: int, n_pairs: int, n_queries: int = 4) -> Document:
-    """`n_pairs` "key: value" lines spread through filler, then queries for the values of earlier keys."""
+    """`n_pairs` "key#value" lines spread through filler, then `n_queries` lines "key#" asking for the values of
+    earlier keys, each answered by its value and ".".
+
+    The query restates the needle's own form ("key#"), so the answer is what followed the same bytes earlier (an
+    induction head matching the key), where the older "What is the value of key? " asked for a different separator
+    than the needle's "key: "."""
     if n_pairs < 1 or n_queries < 1:
         raise ValueError(f"corpus.py kv_recall_document: n_pairs={n_pairs}, n_queries={n_queries}; both must be >= 1")
     keys = _names(rng, n_pairs)
     values = [str(rng.randrange(100000, 1000000)) for _ in keys]
     asked = [rng.randrange(n_pairs) for _ in range(n_queries)]
-    lines = [f"\n{k}: {v}\n" for k, v in zip(keys, values)]
-    queries = [(f"\nWhat is the value of {keys[i]}? ", values[i]) for i in asked]
+    lines = [f"\n{k}{ANSWER_MARK}{v}\n" for k, v in zip(keys, values)]
+    queries = [(f"\n{keys[i]}{ANSWER_MARK}", values[i]) for i in asked]
     fixed = sum(map(len, lines)) + sum(len(q) + len(v) + 1 for q, v in queries) + 1
     body = length - fixed
     if body < 0:

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..data.corpus import Document, filler, kv_recall_document, multihop_document, repeat_document
+from ..data.corpus import Document, kv_recall_document, multihop_document, passkey_document, repeat_document
 from ..data.tokenizer import ByteTokenizer
 
 MODES = ("dense", "sparse")
@@ -31,18 +31,7 @@ KINDS = ("passkey", "kv_recall", "multihop")
 
 def passkey_at_depth(rng: random.Random, length: int, depth: float) -> Document:
     """`corpus.passkey_document` with the needle placed at a chosen relative depth in [0, 1] of the filler."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"long_context.py passkey_at_depth: depth={depth}; pass a value in [0, 1]")
-    key = str(rng.randrange(10000, 100000))
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = " What is the pass key? The pass key is "
-    body = length - len(needle) - len(question) - len(key) - 1
-    if body < 0:
-        raise ValueError(f"long_context.py passkey_at_depth: length={length} is too short for the needle and "
-                         f"question ({length - body} characters); pass length >= {length - body}")
-    at = round(depth * body)
-    text = filler(rng, at) + needle + filler(rng, body - at) + question
-    return Document(text + key + ".", [(len(text), len(text) + len(key))], "passkey")
+    return passkey_document(rng, length, depth)
 
 
 def make_documents(kind: str, length: int, n: int, rng: random.Random, depths=(0.1, 0.5, 0.9),
