@@ -67,12 +67,13 @@ def _rl_cfg(**kw):
 
 
 def _rl_run(out: Path, stop_after: int | None = None):
-    """Two GRPO steps; with `stop_after`, a first trainer stops there and a second one resumes to the end."""
+    """Two GRPO steps; with `stop_after`, a first trainer stops there and a second one resumes to the end. With
+    an EMA of the policy (tracked from the replica, saved with the DCP checkpoint), which becomes the policy."""
     if stop_after is not None:
-        first = DistributedGRPOTrainer(_micro(), _rl_cfg(steps=stop_after), out)
+        first = DistributedGRPOTrainer(_micro(), _rl_cfg(steps=stop_after, ema=0.5), out)
         first.train(progress=False)
         first.metrics.close()
-    trainer = DistributedGRPOTrainer(_micro(), _rl_cfg(), out)
+    trainer = DistributedGRPOTrainer(_micro(), _rl_cfg(ema=0.5), out)
     summary = trainer.train(progress=False)
     trainer.metrics.close()
     return trainer, summary

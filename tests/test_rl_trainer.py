@@ -123,8 +123,8 @@ def test_kl_to_a_frozen_reference_and_opsm_with_two_minibatches(tmp_path):
     assert all(torch.equal(ref_before[k], v) for k, v in trainer.ref.state_dict().items())   # frozen
 
 
-def _run(out, steps, resume=True):
-    trainer = GRPOTrainer(micro_model(), micro_cfg(steps=steps), out)
+def _run(out, steps, resume=True, **kw):
+    trainer = GRPOTrainer(micro_model(), micro_cfg(steps=steps, **kw), out)
     return trainer, trainer.train(resume=resume, progress=False)
 
 
@@ -135,6 +135,42 @@ def test_resume_is_exact(tmp_path):
     assert summary["steps"] == 3 and resumed.cursor == straight.cursor
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_ema_is_the_run_model_and_resumes_exactly(tmp_path, monkeypatch):
+    policies = []   # the policy's weights at the start and after every step
+    step = GRPOTrainer.train_step
+
+    def recording(self):
+        if not policies:
+            policies.append({k: v.clone() for k, v in self.model.state_dict().items()})
+        logs = step(self)
+        policies.append({k: v.clone() for k, v in self.model.state_dict().items()})
+        return logs
+
+    monkeypatch.setattr(GRPOTrainer, "train_step", recording)
+    straight, summary = _run(tmp_path / "a", 3, ema=0.5, lr=1e-2)
+    assert summary["ema"] == 0.5 and 0 <= summary["after_last_policy"] <= 1
+    # EMA from the start weights: 0.5^3 θ0 + 0.5^3 θ1 + 0.5^2 θ2 + 0.5 θ3, now the policy and the export.
+    final = Transformer.from_pretrained(tmp_path / "a" / "final").state_dict()
+    moved = 0.0
+    for k, v in straight.model.state_dict().items():
+        want = 0.125 * policies[0][k] + 0.125 * policies[1][k] + 0.25 * policies[2][k] + 0.5 * policies[3][k]
+        torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6, msg=k)
+        assert torch.equal(final[k], v), k
+        moved = max(moved, (policies[3][k] - v).abs().max().item())
+    assert moved > 1e-3   # the EMA really differs from the last policy
+    ckpt = tmp_path / "a" / "ckpt" / "step_00000003"
+    assert (ckpt / "ema.safetensors").is_file()
+    _run(tmp_path / "b", 2, ema=0.5, lr=1e-2)
+    resumed, _ = _run(tmp_path / "b", 3, ema=0.5, lr=1e-2)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    _run(tmp_path / "c", 1)
+    with pytest.raises(ValueError, match="no ema.safetensors"):   # a run without an EMA cannot resume with one
+        _run(tmp_path / "c", 2, ema=0.5)
+    with pytest.raises(ValueError, match=r"RLConfig.ema=1"):
+        micro_cfg(ema=1)
 
 
 def test_guard_rollback_restores_the_good_checkpoint(tmp_path):

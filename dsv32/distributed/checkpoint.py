@@ -172,11 +172,13 @@ def restore(ckpt: train_checkpoint.Checkpoint, model: nn.Module, optimizer: torc
 
 
 def save(out_dir, step: int, model: nn.Module, optimizer, data_state: dict, rng: dict, config_dict: dict,
-         keep: int = 3) -> Path:
+         keep: int = 3, extras: dict | None = None) -> Path:
     """Write `out_dir/step_{step:08d}/`: DCP when the model is sharded (every rank calls this), else the
-    single-process format (`dsv32.train.checkpoint.save`)."""
+    single-process format (`dsv32.train.checkpoint.save`). `extras` (full tensors, the same on every rank)
+    are written once, by rank 0."""
     if not is_sharded(model):
-        return train_checkpoint.save(out_dir, step, model, optimizer, data_state, rng, config_dict, keep=keep)
+        return train_checkpoint.save(out_dir, step, model, optimizer, data_state, rng, config_dict, keep=keep,
+                                     extras=extras)
     from ..model.hf import config_to_hf
 
     ctx = current()
@@ -194,6 +196,7 @@ def save(out_dir, step: int, model: nn.Module, optimizer, data_state: dict, rng:
     if ctx.is_main:
         hf = config_to_hf(model.cfg)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        train_checkpoint.write_extras(tmp, extras)
         (tmp / "trainer.json").write_text(trainer_text)
         if final.exists():  # re-saving the same step (a resumed run that ends where it stopped)
             shutil.rmtree(final)

@@ -135,6 +135,12 @@ class DistributedGRPOTrainer(GRPOTrainer):
         super()._load(ck, guard_too)
         D.copy_weights(self.model, self.replica)   # resumed or rolled back: sample from those weights
 
+    def _adopt(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+        D.copy_weights(self.model, self.replica)
+
     # ------------------------------------------------------------------ the step and the run
     def train_step(self) -> dict:
         logs = super().train_step()

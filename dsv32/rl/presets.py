@@ -70,6 +70,8 @@ class RLConfig:
     rubric: dict = field(default_factory=lambda: {d: dict(w) for d, w in DEFAULT_RUBRIC.items()})
     length_budget: int = 0             # L_max of the soft overlong penalty; 0 = max_tokens
     ref_refresh: int = 0               # replace the reference by the policy every N steps (R1: 400); 0 = never
+    ema: float = 0.0                   # > 0: an EMA of the policy (this decay per step, from the start weights) is
+                                       # the run's model: evaluated after, exported to final/; 0 = the last policy
     eval_n: int = 200                  # held-out problems per domain for the before/after accuracy (greedy)
     eval_sets: dict = field(default_factory=dict)  # guard held-out sets: name -> {"domain", "difficulty"}; {} = auto
     guard: GuardConfig | None = None
@@ -104,6 +106,7 @@ class RLConfig:
              "must be group_mean, group_mean_std, batch_std, rloo or process"),
             ("eval_n", self.eval_n >= 1, "must be >= 1"),
             ("ckpt_every", self.ckpt_every >= 1, "must be >= 1"),
+            ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0: off; 0.99 averages about the last 100 steps)"),
         ]
         for name, ok, why in checks:
             if not ok:

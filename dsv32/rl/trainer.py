@@ -9,7 +9,9 @@ group advantages by uid, then take `minibatches` optimizer steps over shuffled s
 training log-probs replay the sampler's kept sets (Keep Sampling Mask, `logprobs_over_kept`) and MoE routes
 (Keep Routing, `model(ids, routes=...)`); π_old is the policy before the first update of the rollout (so the
 first minibatch's ratio is exactly 1) and OPSM compares against the engine's own log-probs. A frozen
-reference (optionally refreshed) gives the unbiased KL when a domain has β > 0. The guard evaluates held-out
+reference (optionally refreshed) gives the unbiased KL when a domain has β > 0. With `ema` > 0 an exponential
+moving average of the policy weights (from the start weights, `torch.optim.swa_utils.AveragedModel`) is the
+run's model: evaluated after the run and exported, beside the last policy's accuracy. The guard evaluates held-out
 sets every K steps and rolls back to its last good checkpoint (`OUT/good/`) with a lower lr. Checkpoints in
 `OUT/ckpt/` resume exactly (weights, optimizer, RNG, task cursor, guard state); `OUT/final/` is the model;
 `OUT/report.json` (or `--report`) gets `rl.<run name> = {before, after}` held-out accuracy (greedy).
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..data.chat import parse_assistant
 from ..data.tokenizer import ByteTokenizer
@@ -124,6 +128,7 @@ class GRPOTrainer:
         self.cursor, self.step, self.before, self.stopped = 0, 0, None, None
         self.progress = 0.0  # share of the run done: steps or time budget, whichever is further (lr_decay)
         self.metrics = metrics or Metrics(self.out)
+        self.ema: AveragedModel | None = None   # built in train(), from the weights the engine samples with
         self.guard = None
         if cfg.guard is not None:
             self.guard = DivergenceGuard(cfg.guard, self._guard_sets(), lambda name, items: self.accuracy(items),
@@ -213,12 +218,21 @@ class GRPOTrainer:
                 "stopped": self.stopped,
                 "guard": self.guard.state_dict() if self.guard is not None else None}
 
+    def _extras(self) -> dict | None:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else None
+
     def save(self) -> None:
         distributed.checkpoint.save(self.out / "ckpt", self.step, self.model, self.optimizer, self._state(),
-                                    checkpoint.rng_state(), self.cfg.to_dict(), keep=2)
+                                    checkpoint.rng_state(), self.cfg.to_dict(), keep=2, extras=self._extras())
 
     def _load(self, ck: checkpoint.Checkpoint, guard_too: bool) -> None:
         distributed.restore(ck, self.model, self.optimizer)   # either checkpoint format, sharded or not
+        if self.ema is not None:
+            ema = ck.extra("ema")
+            if ema is None:
+                raise ValueError(f"{ck.path}: no ema.safetensors, but this run has ema={self.cfg.ema}; the checkpoint "
+                                 "was written by a run without an EMA (resume it with --ema=0, or use a new --out)")
+            self.ema.load_state_dict(ema)
         checkpoint.set_rng_state(ck.rng)
         self.cursor, self.step = int(ck.data["cursor"]), ck.step
         self.loss_cfg = dataclasses.replace(self.loss_cfg, entropy_coef=ck.data.get("entropy_coef", 0.0))
@@ -241,7 +255,7 @@ class GRPOTrainer:
     def _save_good(self, step: int) -> None:
         good = self.out / "good"
         distributed.checkpoint.save(good, step, self.model, self.optimizer, self._state(), checkpoint.rng_state(),
-                                    self.cfg.to_dict(), keep=0)
+                                    self.cfg.to_dict(), keep=0, extras=self._extras())
         keep = self.guard.protected_steps() | {step}
         ctx = distributed.current()
         for path in checkpoint.list_checkpoints(good) if ctx.is_main else []:
@@ -365,8 +379,15 @@ class GRPOTrainer:
         return logs
 
     # ------------------------------------------------------------------ the run
+    def _adopt(self, state: dict) -> None:
+        """Make `state` (a full, unsharded state dict) the policy's weights."""
+        self.model.load_state_dict(state)
+
     def train(self, resume: bool = True, progress: bool = True) -> dict:
         cfg, t_start = self.cfg, time.time()
+        if cfg.ema and self.ema is None:   # before a resume, which loads its state; the first update copies
+            self.ema = AveragedModel(self.engine.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+            self.ema.update_parameters(self.engine.model)
         if not (resume and self.resume()):
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
@@ -385,6 +406,8 @@ class GRPOTrainer:
                 self.progress = max(distributed.current().gather(
                     max(self.step / cfg.steps, elapsed / (60 * cfg.minutes) if cfg.minutes else 0.0)))
             logs = self.train_step()
+            if self.ema is not None:   # the weights the next rollout samples with: the policy, or its replica
+                self.ema.update_parameters(self.engine.model)
             self.metrics.log(self.step, logs)
             if bar is not None:
                 bar.n = self.step
@@ -399,12 +422,19 @@ class GRPOTrainer:
         if bar is not None:
             bar.close()
         self.save()
+        last = None
+        if self.ema is not None:   # the last policy's accuracy, then the EMA becomes the run's model
+            last = self.evaluate_heldout()
+            self.metrics.log(self.step, {"eval_after/accuracy_last_policy": last["accuracy"]})
+            self._adopt(self.ema.module.state_dict())
         after = self.evaluate_heldout()
         self.metrics.log(self.step, {"eval_after/accuracy": after["accuracy"]})
         distributed.export_hf(self.model, self.out / "final")   # consolidated on rank 0 when sharded
         summary = {"name": cfg.name, "before": self.before["accuracy"], "after": after["accuracy"],
                    "before_detail": self.before, "after_detail": after, "steps": self.step, "stopped": self.stopped,
                    "seconds": time.time() - t_start}
+        if last is not None:
+            summary.update(ema=cfg.ema, after_last_policy=last["accuracy"])
         if self.guard is not None:
             summary["guard"] = {"fired": self.guard.total_fired, "alarms": dict(self.guard.fired),
                                 "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale}

@@ -7,6 +7,7 @@
         optimizer.pt                     optimizer.state_dict()
         rng.pt                           torch (CPU + CUDA) and Python `random` states
         trainer.json                     step, data cursor, resolved config (written last)
+        <name>.safetensors               optional extra tensors (e.g. the RL policy's EMA: `extras=`)
 
 A checkpoint is written into `.tmp-step_N-*/` and renamed to `step_N/` only when every file is on disk,
 so a `step_*` folder is complete unless the disk itself corrupted it. `load_latest` ignores temporary
@@ -56,8 +57,9 @@ def trainer_json(step: int, data_state: dict, config_dict: dict) -> str:
 
 
 def save(out_dir, step: int, model, optimizer, data_state: dict, rng: dict, config_dict: dict,
-         keep: int = 3) -> Path:
-    """Write `out_dir/step_{step:08d}/` atomically, point `latest` at it, keep the newest `keep`."""
+         keep: int = 3, extras: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write `out_dir/step_{step:08d}/` atomically, point `latest` at it, keep the newest `keep`.
+    `extras`: name -> tensors, each written as `<name>.safetensors` inside the folder (`Checkpoint.extra`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step_{step:08d}"
@@ -70,6 +72,7 @@ def save(out_dir, step: int, model, optimizer, data_state: dict, rng: dict, conf
             torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
+        write_extras(tmp, extras)
         (tmp / "trainer.json").write_text(trainer_text)
         if final.exists():  # re-saving the same step (e.g. a resumed run that ends where it stopped)
             shutil.rmtree(final)
@@ -81,6 +84,15 @@ def save(out_dir, step: int, model, optimizer, data_state: dict, rng: dict, conf
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_extras(folder: Path, extras: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    """`<name>.safetensors` per entry of `extras` (contiguous CPU copies; safetensors refuses shared storage)."""
+    from safetensors.torch import save_file
+
+    for name, tensors in (extras or {}).items():
+        plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(plain, str(Path(folder) / f"{name}.safetensors"))
 
 
 def list_checkpoints(out_dir) -> list[Path]:
@@ -115,6 +127,18 @@ class Checkpoint:
                              "this folder to resume from the previous checkpoint, or start afresh with "
                              "resume=False") from None
         model.load_state_dict(state)
+
+    def extra(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The tensors saved as `extras[name]`, or None when this checkpoint has none by that name."""
+        from safetensors.torch import load_file
+
+        f = self.path / f"{name}.safetensors"
+        if not f.is_file():
+            return None
+        try:
+            return load_file(str(f))
+        except Exception as e:
+            raise _corrupt(f, f"unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _corrupt(path: Path, why: str) -> ValueError:
