@@ -12,7 +12,7 @@ from conftest import make_config
 from dsv32 import Transformer
 from dsv32.cli import main as cli_main
 from dsv32.eval import retrieval_accuracy, score_documents, trailing_loss
-from dsv32.eval.long_context import make_documents, passkey_at_depth
+from dsv32.eval.long_context import make_documents, passkey_at_depth, score_tokens
 
 V = 300
 
@@ -68,6 +68,8 @@ def test_one_wrong_answer_token_fails_the_span():
 
     assert score_documents(good, [doc]) == [[True]]
     assert score_documents(one_off, [doc]) == [[False]]
+    # Partial credit: every digit but the last is right.
+    assert score_tokens(one_off, [doc]) == [[[True] * (e - s - 1) + [False]]]
 
 
 def test_copy_accuracy_against_oracles_and_a_real_model(model):
@@ -105,6 +107,8 @@ def test_retrieval_accuracy_structure_and_mode_restored(model):
         assert r["answers"] == {"passkey": 2, "kv_recall": 4}
         for acc in [r["dense"], r["sparse"]] + [v for k in r["kinds"].values() for v in k.values()]:
             assert 0.0 <= acc <= 1.0
+        for kind, modes in r["tokens"].items():  # a right answer has every token right: tokens >= exact
+            assert all(r["kinds"][kind][m] <= t <= 1.0 for m, t in modes.items())
     model.set_attn_mode("dense")
     retrieval_accuracy(model, [160], n=1)
     assert model.cfg.attn_mode == "dense"

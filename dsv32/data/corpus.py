@@ -194,9 +194,10 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int, kin
         if kind == "passkey":
             docs.append(passkey_document(rng, length))
         elif kind == "kv_recall":
-            # about 37 characters per query and 16 per pair: up to 8 queries, pairs as many as fit (up to 8)
-            n_queries = rng.randint(2, max(2, min(8, length // 140)))
-            n_pairs = rng.randint(n_queries, max(n_queries, min(8, (length - 38 * n_queries) // 16)))
+            # 15 characters per pair and per query ("\nkey#value\n", "\nkey#value."): up to 8 queries (30 characters
+            # of room each: most answer tokens per document), then at least as many pairs, as many as fit (up to 8)
+            n_queries = rng.randint(2, max(2, min(8, (length - 1) // 30)))
+            n_pairs = rng.randint(n_queries, max(n_queries, min(8, (length - 1) // 15 - n_queries)))
             docs.append(kv_recall_document(rng, length, n_pairs, n_queries))
         else:
             docs.append(multihop_document(rng, length, hops=rng.randint(1, 2 if length >= 200 else 1), n_distractors=1))

@@ -53,6 +53,15 @@ def score_documents(logits_fn: Callable, docs: list[Document], *, batch_size: in
 
     Documents with the same token count are batched (batch_size rows per forward); no padding is needed.
     """
+    return [[all(span) for span in doc] for doc in score_tokens(logits_fn, docs, batch_size=batch_size, device=device,
+                                                               tokenizer=tokenizer)]
+
+
+@torch.no_grad()
+def score_tokens(logits_fn: Callable, docs: list[Document], *, batch_size: int = 8, device=None,
+                 tokenizer: ByteTokenizer | None = None) -> list[list[list[bool]]]:
+    """For every document and answer span, one bool per answer token (teacher-forced argmax right): the partial
+    credit behind `score_documents`, which shows a model learning to retrieve before any whole answer is right."""
     tok = tokenizer or ByteTokenizer()
     encoded = [tok.encode(d.text) for d in docs]
     for d, ids in zip(docs, encoded):
@@ -62,7 +71,7 @@ def score_documents(logits_fn: Callable, docs: list[Document], *, batch_size: in
         if any(s < 1 or e <= s or e > len(ids) for s, e in d.answers):
             raise ValueError(f"long_context.py score_documents: answer spans {d.answers} must satisfy "
                              f"1 <= start < end <= {len(ids)}")
-    out: list[list[bool] | None] = [None] * len(docs)
+    out: list[list[list[bool]] | None] = [None] * len(docs)
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
@@ -72,7 +81,7 @@ def score_documents(logits_fn: Callable, docs: list[Document], *, batch_size: in
             ids_BT = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
             pred_BT = logits_fn(ids_BT, None).argmax(-1)  # pred[t] is the guess for token t + 1
             for row, i in enumerate(chunk):
-                out[i] = [bool((pred_BT[row, s - 1:e - 1] == ids_BT[row, s:e]).all()) for s, e in docs[i].answers]
+                out[i] = [(pred_BT[row, s - 1:e - 1] == ids_BT[row, s:e]).tolist() for s, e in docs[i].answers]
     return out  # type: ignore[return-value]
 
 
@@ -100,10 +109,12 @@ def _model_fn(model):
 def retrieval_accuracy(model, lengths: Iterable[int], kinds=("passkey", "kv_recall"), n: int = 8, seed: int = 0,
                        depths=(0.1, 0.5, 0.9), modes=MODES, batch_size: int = 8, kv_pairs: int = 4,
                        kv_queries: int = 2) -> dict:
-    """{L: {"dense": acc, "sparse": acc, "kinds": {kind: {"dense": acc, "sparse": acc}}, "answers": {kind: k}}}.
+    """{L: {"dense": acc, "sparse": acc, "kinds": {kind: {"dense": acc, "sparse": acc}}, "answers": {kind: k},
+    "tokens": {kind: {"dense": t, "sparse": t}}}}.
 
     Per kind, acc is the share of answer spans matched exactly (kv_recall has kv_queries per document);
-    the overall acc at L is the mean of the per-kind accuracies. The same documents are used in every mode
+    the overall acc at L is the mean of the per-kind accuracies; t is the share of answer tokens right (partial
+    credit: a 5-digit key with 4 right digits counts 0 in acc and 0.8 in t). The same documents are used in every mode
     (reproducible from `seed`); the model's attention mode is restored afterwards.
     """
     lengths = [int(L) for L in lengths]
@@ -120,16 +131,17 @@ def retrieval_accuracy(model, lengths: Iterable[int], kinds=("passkey", "kv_reca
     rng = random.Random(seed)
     docs = {(L, k): make_documents(k, L, n, rng, depths, kv_pairs, kv_queries) for L in lengths for k in kinds}
     device = _device(model)
-    result: dict = {L: {"kinds": {k: {} for k in kinds},
+    result: dict = {L: {"kinds": {k: {} for k in kinds}, "tokens": {k: {} for k in kinds},
                         "answers": {k: sum(len(d.answers) for d in docs[L, k]) for k in kinds}} for L in lengths}
     with _eval_state(model):
         for mode in modes:
             model.set_attn_mode(mode)
             for L in lengths:
                 for k in kinds:
-                    hits = [h for doc_hits in score_documents(_model_fn(model), docs[L, k], batch_size=batch_size,
-                                                              device=device) for h in doc_hits]
-                    result[L]["kinds"][k][mode] = sum(hits) / len(hits)
+                    spans = [span for doc in score_tokens(_model_fn(model), docs[L, k], batch_size=batch_size,
+                                                          device=device) for span in doc]
+                    result[L]["kinds"][k][mode] = sum(map(all, spans)) / len(spans)
+                    result[L]["tokens"][k][mode] = sum(map(sum, spans)) / sum(map(len, spans))
                 result[L][mode] = sum(result[L]["kinds"][k][mode] for k in kinds) / len(kinds)
     return result
 

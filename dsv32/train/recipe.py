@@ -255,7 +255,10 @@ def run(recipe: Recipe, out, log=print) -> dict:
     retrieval = {str(length): {"dense": retr_dense[length]["dense"], "sparse": retr_sparse[length]["sparse"],
                                "kinds": {kind: {"dense": retr_dense[length]["kinds"][kind]["dense"],
                                                 "sparse": retr_sparse[length]["kinds"][kind]["sparse"]}
-                                         for kind in retr_dense[length]["kinds"]}}
+                                         for kind in retr_dense[length]["kinds"]},
+                               "tokens": {kind: {"dense": retr_dense[length]["tokens"][kind]["dense"],
+                                                 "sparse": retr_sparse[length]["tokens"][kind]["sparse"]}
+                                          for kind in retr_dense[length]["tokens"]}}
                  for length in r.eval_lengths}
     job.timeline["evaluation"] = time.time() - t0
     job._save_timeline()
@@ -316,9 +319,12 @@ def write_markdown(out: Path, dsa: dict) -> None:
              f"| indexer recall, after stage 2 | {dsa['recall_after_stage2']:.3f} |",
              f"| held-out loss, dense control | {dsa['val_loss_dense']:.4f} |",
              f"| held-out loss, sparse | {dsa['val_loss_sparse']:.4f} ({100 * dsa['val_loss_rel_diff']:+.2f}%) |", "",
-             "| length | retrieval, dense | retrieval, sparse | top-k / length |", "|---|---|---|---|"]
+             "| length | retrieval, dense | retrieval, sparse | answer tokens right, dense / sparse | top-k / length |",
+             "|---|---|---|---|---|"]
     for L, v in dsa["retrieval"].items():
-        lines.append(f"| {L} | {v['dense']:.3f} | {v['sparse']:.3f} | {dsa['topk'] / int(L):.3f} |")
+        tok = {m: sum(t[m] for t in v["tokens"].values()) / len(v["tokens"]) for m in ("dense", "sparse")}
+        lines.append(f"| {L} | {v['dense']:.3f} | {v['sparse']:.3f} | {tok['dense']:.3f} / {tok['sparse']:.3f} | "
+                     f"{dsa['topk'] / int(L):.3f} |")
     lines += ["", "| stage | steps | seconds |", "|---|---|---|"]
     for s in STAGE_ORDER:
         sec = dsa["seconds"].get(s)
