@@ -62,7 +62,7 @@ def _sft_grads(ctx) -> dict:
 def _rl_cfg(**kw):
     base = dict(prompts_per_step=2, group_size=3, max_tokens=8, eval_n=2, steps=2, thinking=False, minibatches=1,
                 rubric={"*": {"length_judge": 1.0, "format": 0.1}}, n_train_tasks=20, ckpt_every=1, warmup_steps=0,
-                lr=1e-2)
+                lr=1e-2, ema=0.0)
     return get("tiny-math").replace(**{**base, **kw})
 
 

@@ -28,7 +28,8 @@ def micro_model(seed=0):
 def micro_cfg(**kw) -> RLConfig:
     # length_judge varies with every random completion, so groups have non-zero advantages.
     base = dict(prompts_per_step=2, group_size=3, max_tokens=8, eval_n=4, steps=2, thinking=False,
-                rubric={"*": {"length_judge": 1.0, "format": 0.1}}, n_train_tasks=20, ckpt_every=1, warmup_steps=0)
+                rubric={"*": {"length_judge": 1.0, "format": 0.1}}, n_train_tasks=20, ckpt_every=1, warmup_steps=0,
+                ema=0.0)
     return get("tiny-math").replace(**{**base, **kw})
 
 

@@ -70,7 +70,8 @@ def write(report_path, summary: dict, metrics_file=None, guard_demo: bool = Fals
                              "--report with another path") from None
     name = summary["name"]
     rl = report.setdefault("rl", {})
-    entry = {k: summary[k] for k in ("before", "after", "steps", "seconds", "stopped") if k in summary}
+    entry = {k: summary[k] for k in ("before", "after", "steps", "seconds", "stopped", "ema", "after_last_policy")
+             if k in summary}
     for key in ("before_detail", "after_detail"):
         if key in summary:
             detail = summary[key]

@@ -66,8 +66,8 @@ RECIPES = {
     # Measured from the tiny preset pretrained 400 steps (numbers: the SFT note of issues 6/7).
     "tiny": Recipe(domains={"math": 20, "tool": 2, "logic": 1, "countdown": 2, "alignment": 2}),
     # The base of the issue-6 math GRPO runs (tiny-math, tiny-hack): thinking-mode math from a fresh tiny model.
-    # `dsv32 sft --recipe tiny-rl --ckpt-every 25`, then RL from step_00000175, in RL's learnable zone (held-out
-    # greedy accuracy ~0.4-0.6, groups with mixed rewards at T = 1). Held-out greedy accuracy measured at
+    # `dsv32 sft --recipe tiny-rl --ckpt-every 25`, then tiny-math from step_00000150 (the first checkpoint with
+    # well-formed replies, format reward 0.98) and tiny-hack from step_00000175. Held-out greedy accuracy measured at
     # steps 150 / 175 / 200: 0.26 / 0.55 / 0.74 (train problems 0.39 / 0.66 / 0.82). At 300 steps SFT alone
     # reaches 0.98, which leaves RL nothing to add.
     "tiny-rl": Recipe(domains={"math": 5}, mode="thinking", steps=200, batch_size=16, seq_len=256),
