@@ -44,6 +44,11 @@ class Recipe:
     # to 0.55 by step 1200 and jumps from ~1300 on. With 1500 steps here, n_repeat=3000, pretrain_lr=1e-3 and 1200
     # pretrain steps, copying repeated strings reaches 0.78 at 256 tokens, but it does not transfer: passkey and
     # key-value retrieval stay at 0 and the held-out loss is 1.27 (0.86 with these defaults), so it is off by default.
+    # With the questions in the needle's own form ("The pass key is #", "key#"; corpus.passkey_document) the same run
+    # (/tmp/retr/final8, 18.6 min) gets answer tokens right (dsa.retrieval "tokens", dense at 160 / 256 / 512: passkey
+    # 0.65 / 0.47 / 0.33, key-value 0.21 / 0.19 / 0.22) but few whole answers (passkey 0.08 at 160, else 0): the model
+    # reads the key's digits, not their order ("69294" -> "99244"). Turning it on here would also change
+    # `dsv32 pipeline`, which does not pin these fields.
     induction_steps: int = 0
     induction_seq_len: int = 32
     induction_batch_size: int = 32
