@@ -104,29 +104,33 @@ def tiny() -> PipelineConfig:
         recipe=dict(seq_len=512, batch_size=8, pretrain_batch_size=8, pretrain_steps=120, warmup_steps=30,
                     sparse_steps=30, n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6,
                     val_rows=8),
-        sft=dict(recipe="tiny-base"),
+        # block_penalty (`sft.make_loss`) in the base's and the specialists' SFT too: at n = 200 the base (alignment)
+        # and the alignment specialist wrote `...: safe, help</think>` in 1 of 200 non-thinking replies without it.
+        sft=dict(recipe="tiny-base", block_penalty=1.0),
         # Measured from the tiny-base SFT (held-out, thinking): 80 domain steps took math 0.15 -> 0.71, tool
         # 0 -> 0.25, logic 0.20 -> 0.25; 64 steps here (logic 96, over more prompts) to fit the budget.
         specialists=dict(domains=list(S.DOMAINS), steps=10, rl=rl,
                          sft=dict(steps=64, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=5,
-                                  tasks_per_domain=600),
+                                  tasks_per_domain=600, block_penalty=1.0),
                          by_domain={"tool": {"rl": {"prompts_per_step": 8}},
                                     "logic": {"sft": {"steps": 96, "tasks_per_domain": 1200}}}),
-        # Data and mix, measured from the same specialists (generalist, thinking, held-out n=100; issue 7 note):
-        # - thinking records need a reasoning right step by step (`check_reasoning`), except logic: its specialist
-        #   writes a right order in 20% of its answers, and distilling only those (104-134 records) gave logic
-        #   0.18 against 0.23-0.31 with every verified answer kept.
+        # Data and mix, measured from the same specialists (generalist, thinking, held-out; issue 7 notes):
+        # - thinking records need a reasoning right step by step (`check_reasoning`), logic too: its specialist writes
+        #   a right order in ~9% of its candidates, so logic samples 4 per prompt over 960 prompts (212 checked
+        #   records). With the unchecked records (248, mostly `Bob>Bob>Hal` before a lucky answer) the generalist's
+        #   logic stayed at 0.23-0.27 (n=200) whatever the steps; with the checked ones, four copies, 0.315.
         # - tool: 480 prompts (246 verified thinking records against 131 from 320) took tool from 0.13 to 0.39-0.43;
         #   without the non-thinking fill, 2-7% of the generalist's direct tool replies held a `</think>`.
-        # - the distillation steps are the budget every domain shares: math 0.54 / 0.50 / 0.37 at 29 / 27 / 18%
-        #   of the rows, alignment 0.52 at two copies of 320 prompts' records and 0.58 at two of 480. Math and
-        #   logic get three copies of their records, tool and alignment two, over 250 steps.
-        # - block_penalty: the unlikelihood of a reasoning block in non-thinking replies (`sft.make_loss`).
-        generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True,
+        # - the distillation steps: the generalist fits its math records at 250 steps (loss 0.06 on them) but reached
+        #   only 0.39-0.40 held-out; 400 steps took it to 0.55-0.56 (n=200, specialist 0.555) and alignment from 0.54
+        #   to 0.61-0.64, paid by a shorter evaluation (batches of 200) and generation (batches of 128).
+        # - no negative records (`negatives`): 200 failed direct tool replies as block-penalty-only records left more
+        #   `</think>` in the generalist's direct tool replies, not less (see the issue 7 note).
+        generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True, max_batch=128,
                       by_domain={"math": {"prompts": 800}, "tool": {"prompts": 480},
-                                 "logic": {"prompts": 480, "check_reasoning": False}, "alignment": {"prompts": 480}}),
-        distill=dict(steps=250, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0,
-                     weights={"math": 3, "tool": 2, "logic": 3, "alignment": 2}, block_penalty=1.0),
+                                 "logic": {"prompts": 960, "thinking_samples": 4}, "alignment": {"prompts": 480}}),
+        distill=dict(steps=400, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0,
+                     weights={"math": 3, "tool": 2, "logic": 4, "alignment": 2}, block_penalty=1.0),
         # Mixed RL: 4 steps with its own check on 24 prompts per domain and mode (8 steps moved held-out accuracy by
         # under 0.02 and cost 75 s, which went to the distillation).
         mixed=dict(steps=4, rl={**rl, "eval_n": 24}),
@@ -136,7 +140,8 @@ def tiny() -> PipelineConfig:
         speciale=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 16, "warmup_steps": 3, "lr": 5e-5},
                       sft=dict(domains={"math": 1}, mode="thinking", check=True, steps=48, lr=2e-3, batch_size=16,
                                seq_len=256, warmup_steps=5, tasks_per_domain=1200)),
-        eval=dict(n=100, max_tokens=64, max_batch=64),
+        # n = 200 per domain: at 100 the noise (+-0.05) was the size of the margins.
+        eval=dict(n=200, max_tokens=64, max_batch=200),
     )
 
 
