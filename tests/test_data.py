@@ -276,6 +276,31 @@ def test_repeat_documents_fill_the_length_and_answer_with_every_repeat():
     assert set(ds.weights_NL.unique().tolist()) == {1.0, 4.0}
 
 
+def test_digit_copy_documents_repeat_the_digits_after_the_mark():
+    from dsv32.data.corpus import digit_copy_document
+    from dsv32.train.stages import build_documents, build_repeat_dataset
+
+    for seed in range(20):
+        doc = digit_copy_document(random.Random(seed), 47)
+        assert doc.kind == "copy" and len(doc.text) <= 47 and doc.text.count(ANSWER_MARK) == 2
+        (s, e), = doc.answers
+        digits = doc.text[s:e]
+        assert digits.isdigit() and 4 <= len(digits) <= 7 and doc.text[e:] == "."
+        first = doc.text.index(ANSWER_MARK)
+        assert doc.text[first + 1:first + 1 + len(digits)] == digits and doc.text[s - 1] == ANSWER_MARK
+    gaps = {d.text.rindex(ANSWER_MARK) - d.text.index(ANSWER_MARK) for d in
+            (digit_copy_document(random.Random(s), 100) for s in range(30))}
+    assert min(gaps) < 20 < 40 < max(gaps)  # the copies sit at many distances: no fixed offset to learn
+    with pytest.raises(ValueError, match="digit_copy_document"):
+        digit_copy_document(random.Random(0), 10)
+    mixed = [d for d in build_documents(256, seed=0, n_synthetic=0, n_digit_copy=5) if not isinstance(d, str)]
+    assert len(mixed) == 5 and all(d.kind == "copy" and len(d.text) <= 255 for d in mixed)
+    ds = build_repeat_dataset(48, seed=0, n_rows=6, answer_weight=4.0, kind="digits")
+    assert len(ds) <= 6 and set(ds.weights_NL.unique().tolist()) >= {1.0, 4.0}
+    with pytest.raises(ValueError, match="kind"):
+        build_repeat_dataset(48, seed=0, n_rows=6, kind="digit")
+
+
 def test_weighted_cross_entropy_reduces_to_the_plain_mean():
     from dsv32.train.loop import cross_entropy
 

@@ -28,7 +28,7 @@ from ..io import atomic_write, pyplot, save_figure, write_json
 from . import stages
 from .optim import TrainConfig
 
-STAGE_ORDER = ("induction", "pretrain", "dsa-warmup", "dsa-sparse", "dense-control")
+STAGE_ORDER = ("induction", "digits", "pretrain", "dsa-warmup", "dsa-sparse", "dense-control")
 
 
 @dataclass
@@ -53,6 +53,13 @@ class Recipe:
     induction_seq_len: int = 32
     induction_batch_size: int = 32
     induction_lr: float = 3e-3
+    # Optional phase 2 (stage "digits", 0 skips it): short rows of digit strings copied across filler
+    # (corpus.digit_copy_document), after the induction phase; `n_digit_copy` keeps such documents in the pretraining mix.
+    digit_steps: int = 0
+    digit_seq_len: int = 48
+    digit_batch_size: int = 32
+    digit_lr: float = 2e-3
+    n_digit_copy: int = 0
     pretrain_steps: int = 1800        # (and time: ~8.5 CPU-minutes); copying forms slowly, over many steps
     warmup_steps: int = 150
     sparse_steps: int = 100
@@ -110,12 +117,17 @@ class RecipeRun:
             r = self.r
             return stages.build_repeat_dataset(r.induction_seq_len, r.seed, r.induction_steps * r.induction_batch_size,
                                                r.answer_weight)
+        if name == "digits":
+            r = self.r
+            return stages.build_repeat_dataset(r.digit_seq_len, r.seed, r.digit_steps * r.digit_batch_size,
+                                               r.answer_weight, kind="digits")
         if self._train is None:
             r = self.r
             self._train = stages.build_dataset(r.seq_len, r.seed, r.n_synthetic,
                                                min_synthetic_length=r.min_synthetic_length,
                                                answer_weight=r.answer_weight, n_copy=r.n_copy,
-                                               kinds=r.synthetic_kinds, n_repeat=r.n_repeat)
+                                               kinds=r.synthetic_kinds, n_repeat=r.n_repeat,
+                                               n_digit_copy=r.n_digit_copy)
         return self._train
 
     def final(self, name: str) -> Path:
@@ -137,10 +149,13 @@ class RecipeRun:
         t0 = time.time()
         self.log(f"[{name}] {steps} steps of {stage} ({stages.get_stage(stage).help})")
         on_step = None if track is None else (lambda step, logs: track(model, step))
-        batch = {"induction": r.induction_batch_size, "pretrain": r.pretrain_batch_size}.get(name, r.batch_size)
+        batch = {"induction": r.induction_batch_size, "digits": r.digit_batch_size,
+                 "pretrain": r.pretrain_batch_size}.get(name, r.batch_size)
         cfg = _train_config(r, steps, lr, self.out / name, batch)
         if name == "induction":  # as measured in the copy probes: 100 warm-up steps, then a constant lr, no decay
             cfg.seq_len, cfg.warmup_steps, cfg.min_lr_ratio, cfg.weight_decay = r.induction_seq_len, min(100, steps), 1.0, 0.0
+        elif name == "digits":  # as measured (corpus.digit_copy_document): 50 warm-up steps, constant lr, no decay
+            cfg.seq_len, cfg.warmup_steps, cfg.min_lr_ratio, cfg.weight_decay = r.digit_seq_len, min(50, steps), 1.0, 0.0
         elif name == "pretrain" and init_from is not None:  # a gentle start: fresh Adam moments on a trained model
             cfg.warmup_steps = min(100, steps)
         stages.run(stage, model, stages.Stream(data, batch), cfg, on_step=on_step)
@@ -221,6 +236,9 @@ def run(recipe: Recipe, out, log=print) -> dict:
         first = job.stage("induction", "pretrain", None, r.induction_steps, r.induction_lr)
         start = job.final("induction")
         copy["induction"] = {str(n): copy_accuracy(first, n, seed=r.seed + 5) for n in (r.induction_seq_len, r.seq_len)}
+    if r.digit_steps:
+        job.stage("digits", "pretrain", start, r.digit_steps, r.digit_lr)
+        start = job.final("digits")
     base = job.stage("pretrain", "pretrain", start, r.pretrain_steps, r.pretrain_lr)
     copy["pretrain"] = {str(r.seq_len): copy_accuracy(base, r.seq_len, seed=r.seed + 5)}
     log(f"copy accuracy on repeated strings (length: accuracy) {copy}")
@@ -279,8 +297,8 @@ def run(recipe: Recipe, out, log=print) -> dict:
         "val_loss_rel_diff": (val_sparse["loss"] - val_dense["loss"]) / val_dense["loss"],
         "val_loss_by_position": {"dense": val_dense["by_position"], "sparse": val_sparse["by_position"]},
         "retrieval": retrieval, "copy_accuracy": copy,
-        "steps": {"induction": r.induction_steps, "pretrain": r.pretrain_steps, "dsa-warmup": r.warmup_steps, "dsa-sparse": r.sparse_steps,
-                  "dense-control": r.sparse_steps},
+        "steps": {"induction": r.induction_steps, "digits": r.digit_steps, "pretrain": r.pretrain_steps,
+                  "dsa-warmup": r.warmup_steps, "dsa-sparse": r.sparse_steps, "dense-control": r.sparse_steps},
         "seconds": {s: timeline.get(s) for s in STAGE_ORDER + ("evaluation",)},
     }
     dsa["checks"] = checks(dsa)

@@ -131,7 +131,7 @@ VAL_EVERY = 20  # every 20th natural document is held out for validation, never 
 
 def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                     max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                    n_copy: int = 0, kinds: tuple | None = None, n_repeat: int = 0):
+                    n_copy: int = 0, kinds: tuple | None = None, n_repeat: int = 0, n_digit_copy: int = 0):
     """The natural documents of `split` (stdlib docstrings) and synthetic long-range `Document`s.
 
     Synthetic documents are either all `synthetic_length` long (default: one packed row), or, with
@@ -140,10 +140,12 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
     `n_copy` adds that many copy-episode documents of up to one row (`corpus.copy_document`); `kinds` is the
     cycle of synthetic kinds with `min_synthetic_length` (default `corpus.RETRIEVAL_MIX`). `n_repeat` adds that many
     documents of repeated strings (`corpus.repeat_document`) of 64 tokens up to one row: they keep (and stretch to
-    the row length) the copying learnt on short rows of them.
+    the row length) the copying learnt on short rows of them; `n_digit_copy` likewise adds digit strings copied across
+    filler (`corpus.digit_copy_document`) of 64 tokens up to one row.
     """
     from ..data import natural_documents, synthetic_documents
-    from ..data.corpus import MIN_RETRIEVAL_LENGTH, RETRIEVAL_MIX, copy_document, repeat_document, retrieval_documents
+    from ..data.corpus import (MIN_RETRIEVAL_LENGTH, RETRIEVAL_MIX, copy_document, digit_copy_document, repeat_document,
+                               retrieval_documents)
 
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}; choose 'train' or 'val'")
@@ -158,6 +160,10 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
     if n_repeat:
         rng = random.Random(synth_seed + 31)
         texts = texts + [repeat_document(rng, rng.randint(min(64, seq_len - 1), seq_len - 1)) for _ in range(n_repeat)]
+    if n_digit_copy:
+        rng = random.Random(synth_seed + 37)
+        texts = texts + [digit_copy_document(rng, rng.randint(min(64, seq_len - 1), seq_len - 1))
+                         for _ in range(n_digit_copy)]
     if not n_synthetic:
         return texts
     # A synthetic document must fit in one packed row (its eos included), or the question and the
@@ -172,25 +178,34 @@ def build_documents(seq_len: int, seed: int = 0, n_synthetic: int = 64, syntheti
 
 def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_length: int | None = None,
                   max_natural: int | None = None, split: str = "train", min_synthetic_length: int | None = None,
-                  answer_weight: float = 1.0, n_copy: int = 0, kinds: tuple | None = None, n_repeat: int = 0):
+                  answer_weight: float = 1.0, n_copy: int = 0, kinds: tuple | None = None, n_repeat: int = 0,
+                  n_digit_copy: int = 0):
     """Packed rows of natural documents mixed with synthetic long-range documents (`build_documents`);
     answer spans weigh `answer_weight` in the LM loss."""
     from ..data import ByteTokenizer, PackedDataset
 
     docs = build_documents(seq_len, seed, n_synthetic, synthetic_length, max_natural, split, min_synthetic_length,
-                           n_copy, kinds, n_repeat)
+                           n_copy, kinds, n_repeat, n_digit_copy)
     return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
 
 
 def build_repeat_dataset(seq_len: int, seed: int, n_rows: int, answer_weight: float = 1.0,
-                         min_period: int = 4, max_period: int = 12):
+                         min_period: int = 4, max_period: int = 12, kind: str = "repeat"):
     """`n_rows` rows that each hold one `corpus.repeat_document` of exactly `seq_len` tokens (its eos ends the
-    row): the curriculum's first phase, short rows where the only thing to learn is copying (an induction head)."""
+    row): the curriculum's first phase, short rows where the only thing to learn is copying (an induction head).
+    kind="digits": one `corpus.digit_copy_document` of up to `seq_len` tokens per row instead (copying in order
+    across a gap), padded."""
     from ..data import ByteTokenizer, PackedDataset
-    from ..data.corpus import repeat_document
+    from ..data.corpus import digit_copy_document, repeat_document
 
     if n_rows < 1:
         raise ValueError(f"build_repeat_dataset: n_rows={n_rows}; pass n_rows >= 1")
+    if kind not in ("repeat", "digits"):
+        raise ValueError(f"build_repeat_dataset: kind={kind!r}; choose 'repeat' or 'digits'")
+    if kind == "digits":
+        rng = random.Random(seed + 41)
+        docs = [digit_copy_document(rng, seq_len - 1) for _ in range(n_rows)]
+        return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
     rng = random.Random(seed + 29)
     docs = [repeat_document(rng, seq_len, min_period, max_period) for _ in range(n_rows)]
     return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
