@@ -45,16 +45,16 @@ class Recipe:
     # pretrain steps, copying repeated strings reaches 0.78 at 256 tokens, but it does not transfer: passkey and
     # key-value retrieval stay at 0 and the held-out loss is 1.27 (0.86 with these defaults), so it is off by default.
     # With the questions in the needle's own form ("The pass key is #", "key#"; corpus.passkey_document) the same run
-    # (/tmp/retr/final8, 18.6 min) gets answer tokens right (dsa.retrieval "tokens", dense at 160 / 256 / 512: passkey
-    # 0.65 / 0.47 / 0.33, key-value 0.21 / 0.19 / 0.22) but few whole answers (passkey 0.08 at 160, else 0): the model
-    # reads the key's digits, not their order ("69294" -> "99244"). Turning it on here would also change
-    # `dsv32 pipeline`, which does not pin these fields.
+    # (18.6 min) gets answer tokens right (dsa.retrieval "tokens", dense at 160 / 256 / 512: passkey 0.65 / 0.47 /
+    # 0.33, key-value 0.21 / 0.19 / 0.22) but few whole answers (passkey 0.08 at 160, else 0): the model reads the
+    # key's digits, not their order ("69294" -> "99244"). Turning it on here would also change `dsv32 pipeline`,
+    # which does not pin these fields.
     # Optional phase 2 (stage "digits", 0 skips it): short rows of digit strings copied across filler
-    # (corpus.digit_copy_document) teach copying in order across a gap: after it, exact copies 0.90 at 47 tokens, 0.75
-    # at 100, 0.12 at 200. /tmp/retr/final9 (--induction-steps 1500 --digit-steps 1200 --n-repeat 3000
-    # --n-digit-copy 2000 --pretrain-lr 1e-3 --pretrain-steps 1200; 27 min): passkey 1.00 dense and sparse at 160 and
-    # 256 (0 at 512, beyond the training length), key-value still 0 (0.45 / 0.35 of its digits; likely because a key
-    # is six bytes to match where the pass key's mark is one). Held-out loss sparse vs dense +0.14%, recall 0.56 -> 0.97.
+    # (corpus.digit_copy_document) teach copying in order across a gap: after it, exact copies 0.90 at 47 tokens,
+    # 0.75 at 100, 0.12 at 200. With --induction-steps 1500 --digit-steps 1200 --n-repeat 3000 --n-digit-copy 2000
+    # --pretrain-lr 1e-3 --pretrain-steps 1200 (27 min): passkey 1.00 dense and sparse at 160 and 256 (0 at 512,
+    # beyond the training length), key-value still 0 (0.45 / 0.35 of its digits; likely because a key is six bytes
+    # to match where the pass key's mark is one). Held-out loss sparse vs dense +0.14%, recall 0.56 -> 0.97.
     induction_steps: int = 0
     induction_seq_len: int = 32
     induction_batch_size: int = 32
@@ -158,9 +158,11 @@ class RecipeRun:
                  "pretrain": r.pretrain_batch_size}.get(name, r.batch_size)
         cfg = _train_config(r, steps, lr, self.out / name, batch)
         if name == "induction":  # as measured in the copy probes: 100 warm-up steps, then a constant lr, no decay
-            cfg.seq_len, cfg.warmup_steps, cfg.min_lr_ratio, cfg.weight_decay = r.induction_seq_len, min(100, steps), 1.0, 0.0
+            cfg.seq_len, cfg.warmup_steps = r.induction_seq_len, min(100, steps)
+            cfg.min_lr_ratio, cfg.weight_decay = 1.0, 0.0
         elif name == "digits":  # as measured (corpus.digit_copy_document): 50 warm-up steps, constant lr, no decay
-            cfg.seq_len, cfg.warmup_steps, cfg.min_lr_ratio, cfg.weight_decay = r.digit_seq_len, min(50, steps), 1.0, 0.0
+            cfg.seq_len, cfg.warmup_steps = r.digit_seq_len, min(50, steps)
+            cfg.min_lr_ratio, cfg.weight_decay = 1.0, 0.0
         elif name == "pretrain" and init_from is not None:  # a gentle start: fresh Adam moments on a trained model
             cfg.warmup_steps = min(100, steps)
         stages.run(stage, model, stages.Stream(data, batch), cfg, on_step=on_step)
