@@ -271,3 +271,13 @@ def test_distill_commands(tmp_path):
     assert cli(["distill", "train", "--init-from", str(init), "--data", str(data), "--out", str(out),
                 "--teacher", "math"]) == 2
     assert cli(["distill", "fly"]) == 2
+
+
+def test_specialists_run_without_the_math_presets_ema():
+    from dsv32.distill.specialists import specialist_config
+    from dsv32.rl.presets import get
+
+    assert get("tiny-math").ema > 0   # the 10-minute run averages its policy ...
+    cfg = specialist_config("math", 10)
+    assert cfg.ema == 0 and cfg.thinking == "both" and cfg.steps == 10   # ... a 10-step specialist does not
+    assert specialist_config("math", 10, {"ema": 0.5}).ema == 0.5

@@ -32,9 +32,11 @@ def domain_preset(domain: str) -> RLConfig:
 
 
 def specialist_config(domain: str, steps: int, overrides: dict | None = None) -> RLConfig:
-    """GRPO config of one specialist: the domain preset in both modes, `steps` rollout steps, then overrides."""
+    """GRPO config of one specialist: the domain preset in both modes, `steps` rollout steps, no EMA, then
+    overrides. (tiny-math's EMA, decay 0.98, averages over ~50 steps: over a specialist's few steps it would keep
+    most of the start weights.)"""
     return domain_preset(domain).replace(**{"name": f"specialist-{domain}", "thinking": "both", "steps": steps,
-                                            **(overrides or {})})
+                                            "ema": 0.0, **(overrides or {})})
 
 
 def run_rl(model, cfg: RLConfig, out_dir, report=None, log=print) -> dict:
