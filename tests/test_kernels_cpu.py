@@ -428,7 +428,9 @@ def test_model_cpu_backend_matches_reference(_restore_backend):
     (l_ref, top_ref, g_ref), (l_cpu, top_cpu, g_cpu) = results["reference"], results["cpu"]
     assert all(t is not None for t in top_ref)  # the sparse path ran
     assert all(torch.equal(ref.ascending(a), b) for a, b in zip(top_ref, top_cpu))
-    torch.testing.assert_close(l_cpu, l_ref, atol=1e-5, rtol=1e-5)
+    # fp32, but the prefill kernel sums a score over [R | P] in one matmul where the reference sums R and P
+    # apart: logits near 0 differ by ~1e-5 after two layers
+    torch.testing.assert_close(l_cpu, l_ref, atol=3e-5, rtol=1e-5)
     assert g_ref.keys() == g_cpu.keys() and len(g_ref) > 10
     for n in g_ref:
         torch.testing.assert_close(g_cpu[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
