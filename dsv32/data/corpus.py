@@ -136,6 +136,44 @@ def kv_recall_document(rng: random.Random, length: int, n_pairs: int, n_queries:
     return Document(text, answers, "kv_recall")
 
 
+KEY_ALPHABET = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in FILLER)  # one-token keys: no filler byte
+
+
+def kv_key_document(rng: random.Random, length: int, n_pairs: int, n_queries: int = 2) -> Document:
+    """Multi-key needle retrieval a byte-level tiny model can learn: `n_pairs` needles "K73519" (a one-byte key from
+    KEY_ALPHABET, capitals that never occur in FILLER, right before a 5-digit value) spread through filler, then
+    `n_queries` distinct keys asked as "K", each answered by its value and ".".
+
+    Why this form: in `kv_recall_document` the question "key#" must match the two-token context (key, "#") among
+    several "#"s, a second-order induction the 4M tiny model does not form in budget (key-value 0.00 exact where the
+    passkey, one unique "#", reaches 1.00). Here every key is one token that occurs once before its question, so
+    attending to the earlier copy of the key and reading on (first-order induction, what the passkey uses) answers
+    it, and the right needle is still chosen by its key among `n_pairs - 1` distractors."""
+    if not 1 <= n_queries <= n_pairs <= len(KEY_ALPHABET):
+        raise ValueError(f"corpus.py kv_key_document: n_pairs={n_pairs}, n_queries={n_queries}; need 1 <= n_queries "
+                         f"<= n_pairs <= {len(KEY_ALPHABET)}")
+    keys = rng.sample(KEY_ALPHABET, n_pairs)
+    values = [str(rng.randrange(10000, 100000)) for _ in keys]
+    asked = rng.sample(range(n_pairs), n_queries)
+    lines = [f"\n{k}{v}\n" for k, v in zip(keys, values)]
+    fixed = sum(map(len, lines)) + n_queries * 8 + 1  # each query: "\nK" + 5 digits + "."
+    body = length - fixed
+    if body < 0:
+        _too_short("kv_key_document", length, fixed)
+    cuts = sorted(rng.randrange(body + 1) for _ in range(n_pairs))
+    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
+    text = filler(rng, gaps[0])
+    for line, gap in zip(lines, gaps[1:]):
+        text += line + filler(rng, gap)
+    text += "\n"
+    answers = []
+    for i in asked:
+        text += f"\n{keys[i]}"
+        answers.append((len(text), len(text) + len(values[i])))
+        text += values[i] + "."
+    return Document(text, answers, "kv_key")
+
+
 def multihop_document(rng: random.Random, length: int, hops: int = 3, n_distractors: int = 2) -> Document:
     """A chain "a refers to b", "b refers to c", ... scattered in shuffled order among distractor chains;
     the question names the chain's start and the answer is its end (`hops` references to follow)."""
@@ -183,9 +221,10 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int, kin
     if not MIN_RETRIEVAL_LENGTH <= min_length <= max_length:
         raise ValueError(f"corpus.py retrieval_documents: need {MIN_RETRIEVAL_LENGTH} <= min_length <= max_length "
                          f"(got {min_length}, {max_length})")
-    unknown = sorted(set(kinds) - {"passkey", "kv_recall", "multihop"})
+    unknown = sorted(set(kinds) - {"passkey", "kv_recall", "kv_key", "multihop"})
     if not kinds or unknown:
-        raise ValueError(f"corpus.py retrieval_documents: kinds={kinds!r}; use passkey, kv_recall and multihop")
+        raise ValueError(f"corpus.py retrieval_documents: kinds={kinds!r}; use passkey, kv_recall, kv_key and "
+                         "multihop")
     rng = random.Random(seed)
     docs = []
     for i in range(n):
@@ -199,6 +238,10 @@ def retrieval_documents(seed: int, n: int, min_length: int, max_length: int, kin
             n_queries = rng.randint(2, max(2, min(8, (length - 1) // 30)))
             n_pairs = rng.randint(n_queries, max(n_queries, min(8, (length - 1) // 15 - n_queries)))
             docs.append(kv_recall_document(rng, length, n_pairs, n_queries))
+        elif kind == "kv_key":
+            # 8 characters per pair and per query ("\nK73519\n", "\nK73519."): 2 to 8 needles, 1 to 4 of them asked
+            n_pairs = rng.randint(2, max(2, min(8, (length - 9) // 16)))
+            docs.append(kv_key_document(rng, length, n_pairs, rng.randint(1, min(4, n_pairs))))
         else:
             docs.append(multihop_document(rng, length, hops=rng.randint(1, 2 if length >= 200 else 1), n_distractors=1))
     return docs

@@ -22,11 +22,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..data.corpus import Document, kv_recall_document, multihop_document, passkey_document, repeat_document
+from ..data.corpus import (Document, kv_key_document, kv_recall_document, multihop_document, passkey_document,
+                           repeat_document)
 from ..data.tokenizer import ByteTokenizer
 
 MODES = ("dense", "sparse")
-KINDS = ("passkey", "kv_recall", "multihop")
+KINDS = ("passkey", "kv_recall", "kv_key", "multihop")
 
 
 def passkey_at_depth(rng: random.Random, length: int, depth: float) -> Document:
@@ -41,6 +42,8 @@ def make_documents(kind: str, length: int, n: int, rng: random.Random, depths=(0
         return [passkey_at_depth(rng, length, depths[i % len(depths)]) for i in range(n)]
     if kind == "kv_recall":
         return [kv_recall_document(rng, length, kv_pairs, kv_queries) for _ in range(n)]
+    if kind == "kv_key":
+        return [kv_key_document(rng, length, kv_pairs, kv_queries) for _ in range(n)]
     if kind == "multihop":
         return [multihop_document(rng, length) for _ in range(n)]
     raise ValueError(f"long_context.py: unknown document kind {kind!r}; known: {', '.join(KINDS)}")

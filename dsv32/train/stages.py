@@ -190,21 +190,34 @@ def build_dataset(seq_len: int, seed: int = 0, n_synthetic: int = 64, synthetic_
 
 
 def build_repeat_dataset(seq_len: int, seed: int, n_rows: int, answer_weight: float = 1.0,
-                         min_period: int = 4, max_period: int = 12, kind: str = "repeat"):
+                         min_period: int = 4, max_period: int = 12, kind: str = "repeat", kv_key_share: float = 0.0):
     """`n_rows` rows that each hold one `corpus.repeat_document` of exactly `seq_len` tokens (its eos ends the
     row): the curriculum's first phase, short rows where the only thing to learn is copying (an induction head).
     kind="digits": one `corpus.digit_copy_document` of up to `seq_len` tokens per row instead (copying in order
-    across a gap), padded."""
+    across a gap), padded; with `kv_key_share` > 0 that share of the rows (at random) holds a
+    `corpus.kv_key_document` instead (2-3 one-token keys, 1-2 asked): on short rows the model learns to find a key
+    among distractors, which it does not learn on full-length rows (/tmp scratch measurements in the Recipe comment)."""
     from ..data import ByteTokenizer, PackedDataset
-    from ..data.corpus import digit_copy_document, repeat_document
+    from ..data.corpus import digit_copy_document, kv_key_document, repeat_document
 
     if n_rows < 1:
         raise ValueError(f"build_repeat_dataset: n_rows={n_rows}; pass n_rows >= 1")
     if kind not in ("repeat", "digits"):
         raise ValueError(f"build_repeat_dataset: kind={kind!r}; choose 'repeat' or 'digits'")
+    if not 0.0 <= kv_key_share <= 1.0 or (kv_key_share and kind != "digits"):
+        raise ValueError(f"build_repeat_dataset: kv_key_share={kv_key_share}; pass a share in [0, 1], with kind='digits'")
     if kind == "digits":
         rng = random.Random(seed + 41)
         docs = [digit_copy_document(rng, seq_len - 1) for _ in range(n_rows)]
+        if kv_key_share:  # own generators: the digit rows stay those of kv_key_share=0
+            pick, kv_rng = random.Random(seed + 43), random.Random(seed + 47)
+            if seq_len - 1 < 25:  # 8 characters a needle and a query, and one "\n"
+                raise ValueError(f"build_repeat_dataset: seq_len={seq_len} is too short for kv_key rows; pass >= 26")
+            for i in range(n_rows):
+                if pick.random() < kv_key_share:
+                    n = kv_rng.randint(2, 3 if seq_len - 1 >= 33 else 2)
+                    q = kv_rng.randint(1, 2 if seq_len - 1 >= 8 * n + 17 else 1)
+                    docs[i] = kv_key_document(kv_rng, seq_len - 1, n, q)
         return PackedDataset.from_documents(docs, ByteTokenizer(), seq_len, seed, answer_weight)
     rng = random.Random(seed + 29)
     docs = [repeat_document(rng, seq_len, min_period, max_period) for _ in range(n_rows)]
