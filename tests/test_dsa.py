@@ -68,6 +68,58 @@ def test_inference_prefill_in_query_chunks_equals_one_call(monkeypatch, chunk_by
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mha", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000, None])
+@pytest.mark.parametrize("docs", [False, True])
+def test_masked_mha_mode_equals_absorbed(monkeypatch, mha, chunk_bytes, docs):
+    """Sparse prefill without autograd runs each query chunk in masked MHA mode or in absorbed mode (forced
+    here both ways; plain causal prompts take the causal square and the all-visible chunks too): the logits
+    equal the one-call absorbed path of a traced forward."""
+    import dsv32.model.attention as attention
+    model = _model().set_attn_mode("sparse")
+    x = _tokens(2, 40)
+    doc_ids = None
+    if docs:
+        doc_ids = torch.cat([torch.zeros(2, 25, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        whole = model(x, doc_ids=doc_ids, trace=Trace())
+        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, t, window, causal: mha)
+        if chunk_bytes is not None:
+            monkeypatch.setattr(attention, "_INFERENCE_CHUNK_BYTES", chunk_bytes)
+        chunked = model(x, doc_ids=doc_ids)
+    torch.testing.assert_close(chunked, whole, atol=5e-5, rtol=1e-5)  # fp32, other summation orders
+
+
+@pytest.mark.parametrize("mha", [True, False])
+def test_masked_mha_mode_with_a_cached_prefix(monkeypatch, mha):
+    """Chunked prefill over a cache (the windows come from the cache positions, not from a plain causal
+    prompt), packed documents in one row: the chunks' logits equal the full forward's."""
+    import dsv32.model.attention as attention
+    model = _model().set_attn_mode("sparse")
+    x = _tokens(2, 40, seed=4)
+    doc_ids = torch.zeros(2, 40, dtype=torch.long)
+    doc_ids[1, 18:] = 1
+    with torch.no_grad():
+        whole = model(x, doc_ids=doc_ids, trace=Trace())
+        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, t, window, causal: mha)
+        cache, outs = model.new_cache(2, 40), []
+        for t0, t1 in ((0, 13), (13, 28), (28, 40)):
+            outs.append(model(x[:, t0:t1], cache=cache, doc_ids=doc_ids[:, t0:t1]))
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, atol=5e-5, rtol=1e-5)
+
+
+def test_masked_mha_mode_is_chosen_for_short_windows():
+    """The cost rule: a window of about k keys is cheaper in MHA mode, one of 8k is not (the `small`
+    preset's proportions, R = 256 against N + P = 96)."""
+    from dsv32 import presets
+    from dsv32.model.attention import MLA
+    mla = MLA(presets.small().replace(**{"dim": 64, "mla.q_lora_rank": 16}))
+    k = mla.topk
+    assert mla._mha_cheaper(64, k, causal=False) and mla._mha_cheaper(64, 2 * k, causal=False)
+    assert not mla._mha_cheaper(64, 8 * k, causal=False)
+    assert mla._mha_cheaper(k, k, causal=True)
+
+
 def test_sparse_path_with_k_covering_all_but_last_row_matches_dense():
     """topk = T-1: the sparse (gathered) path runs, every row but the last keeps all its keys, so rows
     0..T-2 match dense attention (a different code path: SDPA) to float error, and the last row differs."""

@@ -159,38 +159,99 @@ class MLA(nn.Module):
     # -- the three paths ---------------------------------------------------------------------
 
     def _mha(self, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx: AttnContext) -> torch.Tensor:
-        B, S, _ = kv_BSR.shape
-        H, N, V, P = self.n_heads, self.nope, self.v_dim, self.rope_dim
-        k_nope_BSHN, v_BSHV = self.wkv_b(kv_BSR).view(B, S, H, N + V).split([N, V], dim=-1)
-        q_BHTD = torch.cat((q_nope_BTHN, q_pe_BTHP), dim=-1).transpose(1, 2)
-        k_BHSD = torch.cat((k_nope_BSHN, pe_BSP[:, :, None, :].expand(B, S, H, P)), dim=-1).transpose(1, 2)
-        v_BHSV = v_BSHV.transpose(1, 2)
-        if V < N + P:  # equal head dims keep SDPA on its fused (flash) kernels
-            v_BHSV = F.pad(v_BHSV, (0, N + P - V))
-        if ctx.plain_causal:
-            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSV, is_causal=True, scale=self.softmax_scale)
-        else:
-            mask = ref.valid_mask(ctx.ks, ctx.ke, S)[:, None]
-            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSV, attn_mask=mask, scale=self.softmax_scale)
-        return o[..., :V].transpose(1, 2)
+        k_BHSD, v_BHSD = self._mha_keys(kv_BSR, pe_BSP)
+        mask = None if ctx.plain_causal else ref.valid_mask(ctx.ks, ctx.ke, kv_BSR.shape[1])
+        return self._sdpa(q_nope_BTHN, q_pe_BTHP, k_BHSD, v_BHSD, mask)
 
     def _sparse_inference(self, ops, iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP,
                           ctx: AttnContext) -> torch.Tensor:
         """Sparse attention without autograd, in chunks of queries: only a chunk's top-k [B, t, K], latent
         queries and outputs [B, t, H, R] exist at a time (at 32K tokens of the `small` preset the whole
-        prompt's would be ~1 GB). Each query's result does not depend on the chunking."""
+        prompt's would be ~1 GB). Each query's result does not depend on the chunking.
+
+        A chunk whose key window is short runs in "masked MHA mode" (V3.2 report: "for short-sequence
+        prefilling, we specially implement a masked MHA mode to simulate DSA"): SDPA in MHA mode over the
+        window, masked to each query's top-k set. A pair costs 2H(N+P) FLOPs per side there against
+        2H(2R+P) in absorbed mode (3.4x less at V3's and the `small` preset's proportions), so up to a window
+        of about 3k keys the whole window costs less than k gathered latents. Rows that see at most k keys
+        keep every visible key, so such chunks need no indexer at all. Exact: the same sets, the same softmax.
+        """
         B, T, H, _ = q_nope_BTHN.shape
         per_query = B * (2 * H * self.kv_rank * kv_BSR.element_size() + self.topk * 8)
         rows = max(1, _INFERENCE_CHUNK_BYTES // per_query)
+        chunks = self._chunk_windows(ctx, T, rows)
+        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal) for t0, t1, lo, hi, _, causal in chunks]
+        if any(mha):  # per-head keys and values of the windows that run in MHA mode, expanded once
+            a = min(c[2] for c, m in zip(chunks, mha) if m)
+            b = max(c[3] for c, m in zip(chunks, mha) if m)
+            k_BHWD, v_BHWD = self._mha_keys(kv_BSR[:, a:b], pe_BSP[:, a:b])
         o_BTHV = q_nope_BTHN.new_empty(B, T, H, self.v_dim)
-        for t0 in range(0, T, rows):
-            t = slice(t0, t0 + rows)
-            idx_BtK = ops.indexer_topk(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS, ctx.ks[:, t], ctx.ke[:, t],
-                                       self.topk)
-            o_lat_BtHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN[:, t]), q_pe_BTHP[:, t], kv_BSR, pe_BSP, idx_BtK,
-                                        self.softmax_scale)
-            o_BTHV[:, t] = self._absorb_out(o_lat_BtHR)
+        for (t0, t1, lo, hi, all_visible, causal), use_mha in zip(chunks, mha):
+            t = slice(t0, t1)
+            idx_BtK = None
+            if not all_visible:
+                idx_BtK = ops.indexer_topk(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS, ctx.ks[:, t],
+                                           ctx.ke[:, t], self.topk)
+            if use_mha:
+                w = slice(lo - a, hi - a)
+                if causal:  # the prompt's first rows, each seeing every earlier key: plain causal attention
+                    mask = None
+                elif idx_BtK is None:  # every visible key is selected
+                    mask = ref.valid_mask(ctx.ks[:, t] - lo, ctx.ke[:, t] - lo, hi - lo)
+                else:
+                    mask = ref.selected_mask(torch.where(idx_BtK >= 0, idx_BtK - lo, -1), hi - lo)
+                o_BTHV[:, t] = self._sdpa(q_nope_BTHN[:, t], q_pe_BTHP[:, t], k_BHWD[:, :, w], v_BHWD[:, :, w], mask)
+            else:
+                if idx_BtK is None:  # absorbed mode over every visible key: the top-k of all of them
+                    idx_BtK = ops.indexer_topk(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS, ctx.ks[:, t],
+                                               ctx.ke[:, t], self.topk)
+                o_lat_BtHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN[:, t]), q_pe_BTHP[:, t], kv_BSR, pe_BSP,
+                                            idx_BtK, self.softmax_scale)
+                o_BTHV[:, t] = self._absorb_out(o_lat_BtHR)
         return o_BTHV
+
+    def _chunk_windows(self, ctx: AttnContext, T: int, rows: int) -> list[tuple[int, int, int, int, bool, bool]]:
+        """Per query chunk (t0, t1, lo, hi, all_visible, causal): the chunk's key window [lo, hi), whether every
+        row sees at most k keys, and whether the chunk is a plain causal square (from key 0, no documents).
+        Host integers: from the positions when the prompt is plain causal, else one device read per call."""
+        bounds = [(t0, min(T, t0 + rows)) for t0 in range(0, T, rows)]
+        if ctx.plain_causal:
+            s0 = ctx.start
+            return [(t0, t1, 0, s0 + t1, s0 + t1 <= self.topk, s0 + t1 <= self.topk and s0 == 0 and t0 == 0)
+                    for t0, t1 in bounds]
+        stats = torch.stack([torch.stack((ctx.ks[:, t0:t1].min(), ctx.ke[:, t0:t1].max(),
+                                          (ctx.ke[:, t0:t1] - ctx.ks[:, t0:t1]).max())) for t0, t1 in bounds])
+        return [(t0, t1, lo, hi, n <= self.topk, False) for (t0, t1), (lo, hi, n) in zip(bounds, stats.tolist())]
+
+    def _mha_cheaper(self, t: int, window: int, causal: bool) -> bool:
+        """Masked MHA over the whole window costs fewer FLOPs than absorbed attention over k gathered keys."""
+        H, N, P, R = self.n_heads, self.nope, self.rope_dim, self.kv_rank
+        mha = t * window * 2 * H * 2 * (N + P) / (2 if causal else 1)  # v padded to N + P for SDPA's fused kernels
+        absorbed = t * min(self.topk, window) * 2 * H * (2 * R + P)
+        return mha < absorbed
+
+    def _mha_keys(self, kv_BWR: torch.Tensor, pe_BWP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [B, H, W, N + P] and values [B, H, W, V padded to N + P] of a key window."""
+        B, W, _ = kv_BWR.shape
+        H, N, V, P = self.n_heads, self.nope, self.v_dim, self.rope_dim
+        k_nope_BWHN, v_BWHV = self.wkv_b(kv_BWR).view(B, W, H, N + V).split([N, V], dim=-1)
+        k_BHWD = torch.cat((k_nope_BWHN, pe_BWP[:, :, None, :].expand(B, W, H, P)), dim=-1).transpose(1, 2)
+        v_BHWD = v_BWHV.transpose(1, 2)
+        if V < N + P:  # equal head dims keep SDPA on its fused (flash) kernels
+            v_BHWD = F.pad(v_BHWD, (0, N + P - V))
+        return k_BHWD, v_BHWD
+
+    def _sdpa(self, q_nope_BTHN, q_pe_BTHP, k_BHSD, v_BHSD, mask_BTS: torch.Tensor | None) -> torch.Tensor:
+        """SDPA in MHA mode: causal when `mask` is None, else over the keys the [B, T, S] mask allows (rows it
+        allows nothing give 0, as in the absorbed kernels). Output [B, T, H, V]."""
+        q_BHTD = torch.cat((q_nope_BTHN, q_pe_BTHP), dim=-1).transpose(1, 2)
+        if mask_BTS is None:
+            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, scale=self.softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_BTS[:, None],
+                                               scale=self.softmax_scale)
+            o = o.masked_fill(~mask_BTS.any(-1)[:, None, :, None], 0.0)
+        return o[..., :self.v_dim].transpose(1, 2)
 
     def _absorbed_dense(self, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx: AttnContext) -> torch.Tensor:
         """Dense attention over the latent cache (decode, chunked prefill): `kernels.reference.mla_masked`
