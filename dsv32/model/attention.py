@@ -8,6 +8,8 @@ Three ways to compute the same attention, chosen per call:
 - **Absorbed mode, sparse**: the lightning indexer scores every visible key, each query keeps its
   top-k (one set shared by all heads) and attends over the gathered latents only. When no query has
   more than k visible keys, top-k keeps everything, so the dense path runs instead (bit-identical).
+  Prefill without autograd runs query chunks with a short key window in "masked MHA mode" instead: MHA mode
+  over the window with the top-k sets as the mask (`MLA._sparse_inference`).
 
 Legend: B batch, T new tokens, S keys (cache length), H heads, R kv_lora_rank, P rope dims,
 N qk_nope dims, V v dims, K selected keys per query.
