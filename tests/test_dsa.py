@@ -83,7 +83,7 @@ def test_masked_mha_mode_equals_absorbed(monkeypatch, mha, chunk_bytes, docs):
         doc_ids = torch.cat([torch.zeros(2, 25, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)], dim=1)
     with torch.no_grad():
         whole = model(x, doc_ids=doc_ids, trace=Trace())
-        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, t, window, causal: mha)
+        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, *args, **kw: mha)
         if chunk_bytes is not None:
             monkeypatch.setattr(attention, "_INFERENCE_CHUNK_BYTES", chunk_bytes)
         chunked = model(x, doc_ids=doc_ids)
@@ -101,7 +101,7 @@ def test_masked_mha_mode_with_a_cached_prefix(monkeypatch, mha):
     doc_ids[1, 18:] = 1
     with torch.no_grad():
         whole = model(x, doc_ids=doc_ids, trace=Trace())
-        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, t, window, causal: mha)
+        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, *args, **kw: mha)
         cache, outs = model.new_cache(2, 40), []
         for t0, t1 in ((0, 13), (13, 28), (28, 40)):
             outs.append(model(x[:, t0:t1], cache=cache, doc_ids=doc_ids[:, t0:t1]))
@@ -109,8 +109,9 @@ def test_masked_mha_mode_with_a_cached_prefix(monkeypatch, mha):
 
 
 def test_masked_mha_mode_is_chosen_for_short_windows():
-    """The cost rule: a window of about k keys is cheaper in MHA mode, one of 8k is not (the `small`
-    preset's proportions, R = 256 against N + P = 96)."""
+    """The cost rule. Prefill (the `small` preset's proportions, R = 256 against N + P = 96): a window of
+    about k keys is cheaper in MHA mode, one of 8k is not. Training on CPU (the tiny preset, k = 64): rows of
+    256 take MHA mode (the gathered backward is slow per FLOP), rows of 1024 the absorbed path."""
     from dsv32 import presets
     from dsv32.model.attention import MLA
     mla = MLA(presets.small().replace(**{"dim": 64, "mla.q_lora_rank": 16}))
@@ -118,6 +119,38 @@ def test_masked_mha_mode_is_chosen_for_short_windows():
     assert mla._mha_cheaper(64, k, causal=False) and mla._mha_cheaper(64, 2 * k, causal=False)
     assert not mla._mha_cheaper(64, 8 * k, causal=False)
     assert mla._mha_cheaper(k, k, causal=True)
+    tiny = MLA(presets.tiny())
+    assert tiny._mha_cheaper(256, 256, False, "cpu", backward=True)
+    assert not tiny._mha_cheaper(1024, 1024, False, "cpu", backward=True)
+    assert not tiny._mha_cheaper(256, 256, False, "cuda", backward=True)  # GPU: plain FLOPs
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_masked_mha_mode_in_training_equals_absorbed(monkeypatch, docs):
+    """With autograd (SFT, RL), short rows run in masked MHA mode: logits, the top-k sets and every
+    parameter's gradient equal the absorbed path's."""
+    import dsv32.model.attention as attention
+    torch.manual_seed(0)
+    model = _model().set_attn_mode("sparse").train()
+    x = _tokens(2, 40, seed=5)
+    doc_ids = None
+    if docs:
+        doc_ids = torch.cat([torch.zeros(2, 22, dtype=torch.long), torch.ones(2, 18, dtype=torch.long)], dim=1)
+    runs = {}
+    for mha in (True, False):
+        monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, *args, **kw: mha)
+        model.zero_grad()
+        tr = Trace()
+        logits = model(x, doc_ids=doc_ids, trace=tr)
+        logits.float().logsumexp(-1).mean().backward()
+        runs[mha] = (logits.detach(), tr.topk, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None})
+    (l1, t1, g1), (l0, t0, g0) = runs[True], runs[False]
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(t1, t0))
+    torch.testing.assert_close(l1, l0, atol=5e-5, rtol=1e-5)
+    assert g1.keys() == g0.keys() and any("wkv_b" in n for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g0[n], atol=5e-5, rtol=1e-4, msg=n)
 
 
 def test_sparse_path_with_k_covering_all_but_last_row_matches_dense():

@@ -33,6 +33,11 @@ from .indexer import Indexer
 
 
 _INFERENCE_CHUNK_BYTES = 64 << 20  # sparse prefill without autograd: top-k and latents of one query chunk
+_MASK_ELEMENTS = 1 << 24  # the largest [B, T, S] top-k mask the one-call masked MHA mode builds (16 MB)
+# Measured on CPU (fp32, the tiny and small presets' shapes): per FLOP, the gathered absorbed path runs
+# 3.3-4.6x slower than SDPA in forward + backward (the scatter of the latents' gradients) and ~1.2x slower
+# in forward alone. The masked-MHA rule counts its FLOPs with these factors (GPU kernels: FLOPs as they are).
+_CPU_ABSORBED_COST = {False: 1.2, True: 3.0}  # by grad enabled
 
 
 class RMSNorm(nn.Module):
@@ -106,9 +111,16 @@ class MLA(nn.Module):
             if torch.is_grad_enabled() or topk_out is not None or kl_out is not None:
                 with torch.no_grad():
                     idx_BTK = ops.indexer_topk(iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, ctx.ks, ctx.ke, self.topk)
-                q_lat_BTHR = self._absorb_q(q_nope_BTHN)
-                o_BTHV = self._absorb_out(ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK,
-                                                         self.softmax_scale))
+                S = kv_BSR.shape[1]
+                if B * T * S <= _MASK_ELEMENTS and self._mha_cheaper(T, S, False, x_BTd.device.type,
+                                                                      torch.is_grad_enabled()):
+                    # short rows (SFT, RL): masked MHA mode, the [B, T, S] top-k mask in SDPA
+                    o_BTHV = self._sdpa(q_nope_BTHN, q_pe_BTHP, *self._mha_keys(kv_BSR, pe_BSP),
+                                        ref.selected_mask(idx_BTK, S))
+                else:
+                    q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+                    o_BTHV = self._absorb_out(ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK,
+                                                             self.softmax_scale))
             else:
                 o_BTHV = self._sparse_inference(ops, iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_pe_BTHP,
                                                 kv_BSR, pe_BSP, ctx)
@@ -182,7 +194,8 @@ class MLA(nn.Module):
         per_query = B * (2 * H * self.kv_rank * kv_BSR.element_size() + self.topk * 8)
         rows = max(1, _INFERENCE_CHUNK_BYTES // per_query)
         chunks = self._chunk_windows(ctx, T, rows)
-        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal) for t0, t1, lo, hi, _, causal in chunks]
+        dev = q_nope_BTHN.device.type
+        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal, dev) for t0, t1, lo, hi, _, causal in chunks]
         if any(mha):  # per-head keys and values of the windows that run in MHA mode, expanded once
             a = min(c[2] for c, m in zip(chunks, mha) if m)
             b = max(c[3] for c, m in zip(chunks, mha) if m)
@@ -225,12 +238,13 @@ class MLA(nn.Module):
                                           (ctx.ke[:, t0:t1] - ctx.ks[:, t0:t1]).max())) for t0, t1 in bounds])
         return [(t0, t1, lo, hi, n <= self.topk, False) for (t0, t1), (lo, hi, n) in zip(bounds, stats.tolist())]
 
-    def _mha_cheaper(self, t: int, window: int, causal: bool) -> bool:
-        """Masked MHA over the whole window costs fewer FLOPs than absorbed attention over k gathered keys."""
+    def _mha_cheaper(self, t: int, window: int, causal: bool, device: str = "cpu", backward: bool = False) -> bool:
+        """Masked MHA over the whole window costs less than absorbed attention over k gathered keys: FLOPs,
+        the absorbed ones weighted by their measured CPU cost (`_CPU_ABSORBED_COST`)."""
         H, N, P, R = self.n_heads, self.nope, self.rope_dim, self.kv_rank
         mha = t * window * 2 * H * 2 * (N + P) / (2 if causal else 1)  # v padded to N + P for SDPA's fused kernels
         absorbed = t * min(self.topk, window) * 2 * H * (2 * R + P)
-        return mha < absorbed
+        return mha < absorbed * (_CPU_ABSORBED_COST[backward] if device == "cpu" else 1.0)
 
     def _mha_keys(self, kv_BWR: torch.Tensor, pe_BWP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [B, H, W, N + P] and values [B, H, W, V padded to N + P] of a key window."""
