@@ -8,8 +8,9 @@ Three ways to compute the same attention, chosen per call:
 - **Absorbed mode, sparse**: the lightning indexer scores every visible key, each query keeps its
   top-k (one set shared by all heads) and attends over the gathered latents only. When no query has
   more than k visible keys, top-k keeps everything, so the dense path runs instead (bit-identical).
-  Prefill without autograd runs query chunks with a short key window in "masked MHA mode" instead: MHA mode
-  over the window with the top-k sets as the mask (`MLA._sparse_inference`).
+  Where the key window is short, "masked MHA mode" (V3.2's short-prefill mode) runs instead: MHA mode over
+  the window with the top-k sets as the mask, exact and cheaper there. Prefill decides per query chunk
+  (`MLA._sparse_inference`), training per call (short rows: SFT, RL); `MLA._mha_cheaper` holds the rule.
 
 Legend: B batch, T new tokens, S keys (cache length), H heads, R kv_lora_rank, P rope dims,
 N qk_nope dims, V v dims, K selected keys per query.
