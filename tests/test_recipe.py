@@ -20,7 +20,7 @@ MICRO = {"n_layers": 2, "dim": 64, "inter_dim": 128, "moe.moe_inter_dim": 32, "m
 def _micro(**kw) -> recipe.Recipe:
     base = dict(seq_len=320, batch_size=2, pretrain_batch_size=3, pretrain_steps=6, warmup_steps=6, sparse_steps=4, n_synthetic=12,
                 induction_steps=3, induction_seq_len=32, induction_batch_size=4, n_copy=8, n_repeat=8,
-                digit_steps=2, digit_seq_len=48, digit_batch_size=4, n_digit_copy=4,
+                digit_steps=2, digit_seq_len=48, digit_batch_size=4, n_digit_copy=4, key_steps=2, key_batch_size=4,
                 eval_lengths=(256, 320), eval_n=1, val_rows=2, overrides=MICRO)
     return recipe.Recipe(**{**base, **kw})
 
@@ -50,11 +50,11 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, mon
     timeline = json.loads((tmp_path / "timeline.json").read_text())
     assert set(recipe.STAGE_ORDER) <= set(timeline)
     rows = {s: checkpoint.load_latest(tmp_path / s).config["batch_size"] for s in recipe.STAGE_ORDER}
-    assert rows == {"induction": 4, "digits": 4, "pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2, "dense-control": 2}
+    assert rows == {"induction": 4, "digits": 4, "keys": 4, "pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2, "dense-control": 2}
     # The digit phase continues from the induction phase (short rows of repeated strings), pretraining from the
     # digit phase, not from scratch.
-    assert built[:3] == [None, tmp_path / "induction" / "final", tmp_path / "digits" / "final"]
-    assert report["steps"]["induction"] == 3 and report["steps"]["digits"] == 2
+    assert built[:4] == [None, tmp_path / "induction" / "final", tmp_path / "digits" / "final", tmp_path / "keys" / "final"]
+    assert report["steps"]["induction"] == 3 and report["steps"]["digits"] == 2 and report["steps"]["keys"] == 2
 
     # Run again: every stage is found finished and only the evaluation runs, with identical results.
     logs.clear()
@@ -64,10 +64,10 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, mon
 
 
 def test_recipe_without_the_induction_phase_pretrains_from_scratch(tmp_path):
-    dsa = recipe.run(_micro(induction_steps=0, digit_steps=0, pretrain_steps=2, warmup_steps=2, sparse_steps=2,
+    dsa = recipe.run(_micro(induction_steps=0, digit_steps=0, key_steps=0, pretrain_steps=2, warmup_steps=2, sparse_steps=2,
                             eval_lengths=(320,)),
                      tmp_path, log=lambda line: None)
-    assert not (tmp_path / "induction").exists() and not (tmp_path / "digits").exists()
+    assert not any((tmp_path / s).exists() for s in ("induction", "digits", "keys"))
     assert (tmp_path / "pretrain" / "final" / "config.json").is_file()
     assert dsa["steps"]["induction"] == 0 and dsa["seconds"]["induction"] is None
     assert set(dsa["copy_accuracy"]) == {"pretrain"} and 0.0 <= dsa["copy_accuracy"]["pretrain"]["320"] <= 1.0

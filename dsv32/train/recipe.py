@@ -28,7 +28,7 @@ from ..io import atomic_write, pyplot, save_figure, write_json
 from . import stages
 from .optim import TrainConfig
 
-STAGE_ORDER = ("induction", "digits", "pretrain", "dsa-warmup", "dsa-sparse", "dense-control")
+STAGE_ORDER = ("induction", "digits", "keys", "pretrain", "dsa-warmup", "dsa-sparse", "dense-control")
 
 
 @dataclass
@@ -64,8 +64,15 @@ class Recipe:
     digit_seq_len: int = 48
     digit_batch_size: int = 32
     digit_lr: float = 2e-3
-    digit_kv_key_share: float = 0.0   # share of the digits rows holding key-value needles with one-token keys
     n_digit_copy: int = 0
+    # Optional phase 3 (stage "keys", 0 skips it; after "digits"): short rows of key-value needles with one-token
+    # keys (corpus.kv_key_document, 2-3 needles, 1-2 asked), `key_share` of them, the rest digit copies so copying
+    # in order does not erode. Train and evaluate the format with synthetic_kinds=("passkey", "kv_key").
+    key_steps: int = 0
+    key_seq_len: int = 64
+    key_batch_size: int = 32
+    key_lr: float = 2e-3
+    key_share: float = 0.75
     pretrain_steps: int = 1800        # (and time: ~8.5 CPU-minutes); copying forms slowly, over many steps
     warmup_steps: int = 150
     sparse_steps: int = 100
@@ -126,7 +133,11 @@ class RecipeRun:
         if name == "digits":
             r = self.r
             return stages.build_repeat_dataset(r.digit_seq_len, r.seed, r.digit_steps * r.digit_batch_size,
-                                               r.answer_weight, kind="digits", kv_key_share=r.digit_kv_key_share)
+                                               r.answer_weight, kind="digits")
+        if name == "keys":
+            r = self.r
+            return stages.build_repeat_dataset(r.key_seq_len, r.seed + 1, r.key_steps * r.key_batch_size,
+                                               r.answer_weight, kind="digits", kv_key_share=r.key_share)
         if self._train is None:
             r = self.r
             self._train = stages.build_dataset(r.seq_len, r.seed, r.n_synthetic,
@@ -155,14 +166,14 @@ class RecipeRun:
         t0 = time.time()
         self.log(f"[{name}] {steps} steps of {stage} ({stages.get_stage(stage).help})")
         on_step = None if track is None else (lambda step, logs: track(model, step))
-        batch = {"induction": r.induction_batch_size, "digits": r.digit_batch_size,
+        batch = {"induction": r.induction_batch_size, "digits": r.digit_batch_size, "keys": r.key_batch_size,
                  "pretrain": r.pretrain_batch_size}.get(name, r.batch_size)
         cfg = _train_config(r, steps, lr, self.out / name, batch)
         if name == "induction":  # as measured in the copy probes: 100 warm-up steps, then a constant lr, no decay
             cfg.seq_len, cfg.warmup_steps = r.induction_seq_len, min(100, steps)
             cfg.min_lr_ratio, cfg.weight_decay = 1.0, 0.0
-        elif name == "digits":  # as measured (corpus.digit_copy_document): 50 warm-up steps, constant lr, no decay
-            cfg.seq_len, cfg.warmup_steps = r.digit_seq_len, min(50, steps)
+        elif name in ("digits", "keys"):  # as measured (corpus.digit_copy_document): 50 warm-up steps, constant lr
+            cfg.seq_len, cfg.warmup_steps = r.digit_seq_len if name == "digits" else r.key_seq_len, min(50, steps)
             cfg.min_lr_ratio, cfg.weight_decay = 1.0, 0.0
         elif name == "pretrain" and init_from is not None:  # a gentle start: fresh Adam moments on a trained model
             cfg.warmup_steps = min(100, steps)
@@ -256,6 +267,9 @@ def run(recipe: Recipe, out, log=print) -> dict:
     if r.digit_steps:
         job.stage("digits", "pretrain", start, r.digit_steps, r.digit_lr)
         start = job.final("digits")
+    if r.key_steps:
+        job.stage("keys", "pretrain", start, r.key_steps, r.key_lr)
+        start = job.final("keys")
     base = job.stage("pretrain", "pretrain", start, r.pretrain_steps, r.pretrain_lr)
     copy["pretrain"] = {str(r.seq_len): copy_accuracy(base, r.seq_len, seed=r.seed + 5)}
     log(f"copy accuracy on repeated strings (length: accuracy) {copy}")
@@ -315,7 +329,8 @@ def run(recipe: Recipe, out, log=print) -> dict:
         "val_loss_rel_diff": (val_sparse["loss"] - val_dense["loss"]) / val_dense["loss"],
         "val_loss_by_position": {"dense": val_dense["by_position"], "sparse": val_sparse["by_position"]},
         "retrieval": retrieval, "copy_accuracy": copy,
-        "steps": {"induction": r.induction_steps, "digits": r.digit_steps, "pretrain": r.pretrain_steps,
+        "steps": {"induction": r.induction_steps, "digits": r.digit_steps, "keys": r.key_steps,
+                  "pretrain": r.pretrain_steps,
                   "dsa-warmup": r.warmup_steps, "dsa-sparse": r.sparse_steps, "dense-control": r.sparse_steps},
         "seconds": {s: timeline.get(s) for s in STAGE_ORDER + ("evaluation",)},
     }
