@@ -17,7 +17,8 @@ checkpoints):
     mixed-rl               one GRPO stage over every domain with all rewards -> `generalist`
     speciale               from the generalist, reasoning data only: SFT on math traces that end with their
                            self-check, then math GRPO with a relaxed length penalty and β = 0 -> `speciale`
-    eval                   every model on every domain's held-out set in both modes (greedy)
+    eval                   the models on the held-out sets in both modes (greedy): every model on every domain,
+                           or (`eval.scope="checks"`) what the checks read
     report                 report.md, report.json (eval, timeline, dsa, rl, data, checks) and PNG plots
 
 A progress line per stage gives its time; `report.json` keeps `timeline` (stage -> seconds).
@@ -56,7 +57,7 @@ class PipelineConfig:
     mixed: dict = field(default_factory=dict)        # steps, rl {RLConfig overrides}
     speciale: dict = field(default_factory=dict)     # steps, rl {RLConfig overrides}, sft {Recipe fields of the
     #                                                  reasoning-data SFT before the RL; absent = none}
-    eval: dict = field(default_factory=dict)         # n, max_tokens, max_batch
+    eval: dict = field(default_factory=dict)         # n, max_tokens, max_batch, scope ("all" | "checks")
 
     def replace(self, **dotted) -> "PipelineConfig":
         """A copy with dotted overrides (`sft.steps`, `specialists.rl.lr`, `recipe.pretrain_steps`)."""
@@ -106,14 +107,24 @@ def tiny() -> PipelineConfig:
                     val_rows=8),
         # block_penalty (`sft.make_loss`) in the base's and the specialists' SFT too: at n = 200 the base (alignment)
         # and the alignment specialist wrote `...: safe, help</think>` in 1 of 200 non-thinking replies without it.
-        sft=dict(recipe="tiny-base", block_penalty=1.0),
+        # 250 steps, not the recipe's 300: the time went to the math specialist (losses at 240 / 300 of a 300-step
+        # run: tool 0.33 / 0.17, math 0.64 / 0.47; every specialist then trains its own domain).
+        sft=dict(recipe="tiny-base", block_penalty=1.0, steps=250),
         # Measured from the tiny-base SFT (held-out, thinking): 80 domain steps took math 0.15 -> 0.71, tool
         # 0 -> 0.25, logic 0.20 -> 0.25; 64 steps here (logic 96, over more prompts) to fit the budget.
+        # Math learns with a knee: from the same base (math 0.155), 64 steps over 600 prompts gave 0.17, 128 steps
+        # 0.425 (0.53 non-thinking); 128 steps over all 1570 training prompts 0.58 / 0.615 (96 steps: 0.36); 128
+        # steps in rows of 128 (half the tokens) 0.29. So math: 128 steps over every prompt, past the knee.
+        # Logic and alignment RL: 8 prompts a step (a logic or alignment RL step took 6-7 s against math's 1.2 s,
+        # their long prompts; 10 steps moved their own check by 0.00 and -0.04 at 16 prompts).
         specialists=dict(domains=list(S.DOMAINS), steps=10, rl=rl,
                          sft=dict(steps=64, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=5,
                                   tasks_per_domain=600, block_penalty=1.0),
-                         by_domain={"tool": {"rl": {"prompts_per_step": 8}},
-                                    "logic": {"sft": {"steps": 96, "tasks_per_domain": 1200}}}),
+                         by_domain={"math": {"sft": {"steps": 128, "tasks_per_domain": 1570}},
+                                    "tool": {"rl": {"prompts_per_step": 8}},
+                                    "logic": {"sft": {"steps": 96, "tasks_per_domain": 1200},
+                                              "rl": {"prompts_per_step": 8}},
+                                    "alignment": {"rl": {"prompts_per_step": 8}}}),
         # Data and mix, measured from the same specialists (generalist, thinking, held-out; issue 7 notes):
         # - thinking records need a reasoning right step by step (`check_reasoning`), logic too: its specialist writes
         #   a right order in ~9% of its candidates, so logic samples 4 per prompt over 960 prompts (212 checked
@@ -134,14 +145,18 @@ def tiny() -> PipelineConfig:
         # Mixed RL: 4 steps with its own check on 24 prompts per domain and mode (8 steps moved held-out accuracy by
         # under 0.02 and cost 75 s, which went to the distillation).
         mixed=dict(steps=4, rl={**rl, "eval_n": 24}),
-        # Speciale: reasoning data only (math traces in thinking mode, each ending with its self-check), then
-        # math RL with the relaxed length penalty and β = 0. Thinking mode only: with both modes in its SFT (to
+        # Speciale: reasoning data only (math traces in thinking mode, half of them ending with their self-check),
+        # then math RL with the relaxed length penalty and β = 0. Thinking mode only: with both modes in its SFT (to
         # keep the direct format) it gained 1 point over the generalist; thinking only, 0 to 7 points over four runs.
+        # Every trace checked costs accuracy from a strong start: from a math model at 0.58 (thinking, n=200) 96
+        # steps of checked traces gave 0.45 (lr 2e-3; 0.225 at step 48) or 0.51 (lr 5e-4); half of them checked
+        # (lr 1e-3, every training prompt) 0.605 at 32.7 tokens (plain traces: ~16).
         speciale=dict(steps=16, rl={**_EVAL_RL, "prompts_per_step": 16, "warmup_steps": 3, "lr": 5e-5},
-                      sft=dict(domains={"math": 1}, mode="thinking", check=True, steps=48, lr=2e-3, batch_size=16,
-                               seq_len=256, warmup_steps=5, tasks_per_domain=1200)),
-        # n = 200 per domain: at 100 the noise (+-0.05) was the size of the margins.
-        eval=dict(n=200, max_tokens=64, max_batch=200),
+                      sft=dict(domains={"math": 1}, mode="thinking", check=0.5, steps=96, lr=1e-3, batch_size=16,
+                               seq_len=256, warmup_steps=5, tasks_per_domain=1570)),
+        # n = 200 per domain: at 100 the noise (+-0.05) was the size of the margins. scope "checks": what the checks
+        # read (a specialist on its own domain, Speciale on math, no `distilled`): 8 models on every domain cost 103 s.
+        eval=dict(n=200, max_tokens=64, max_batch=200, scope="checks"),
     )
 
 
@@ -418,17 +433,32 @@ class Pipeline:
         e = self.cfg.eval
         tasks = heldout_tasks(self.cfg.specialists["domains"], e["n"], seed=0, difficulty=e.get("difficulty", 1))
         seconds = {}
-        for name, path in self.models().items():
-            dest = self.out / "eval" / f"{name}.json"
+        for name, domains in self.eval_plan().items():
+            path, dest = self.models()[name], self.out / "eval" / f"{name}.json"
             if not dest.is_file():
-                res = evaluate_suites(build_model(init_from=path), tasks, max_tokens=e["max_tokens"],
-                                      max_batch=e["max_batch"], examples=2)
+                res = evaluate_suites(build_model(init_from=path), {d: tasks[d] for d in domains},
+                                      max_tokens=e["max_tokens"], max_batch=e["max_batch"], examples=2)
                 write_json(dest, {"model": name, "path": str(path), **res})
                 self.log(f"  eval {name}: " + ", ".join(f"{d} {a['thinking']:.2f}/{a['non_thinking']:.2f}"
                                                         for d, a in res["accuracy"].items())
                          + f" (thinking/non-thinking, {res['seconds']:.0f} s)")
             seconds[name] = json.loads(dest.read_text())["seconds"]
-        return {"models": list(self.models()), "seconds_by_model": seconds}
+        return {"models": list(self.eval_plan()), "seconds_by_model": seconds}
+
+    def eval_plan(self) -> dict[str, list[str]]:
+        """Model -> the held-out domains the eval stage scores it on. `eval.scope="all"`: every model on every
+        domain. `"checks"`: what the report's checks read (base and generalist on every domain; a specialist on its
+        own; Speciale on math; `distilled` not at all); the rest of the table stays blank."""
+        domains, scope = list(self.cfg.specialists["domains"]), self.cfg.eval.get("scope", "all")
+        if scope == "all":
+            return {name: domains for name in self.models()}
+        if scope != "checks":
+            raise ValueError(f"eval.scope={scope!r}: choose 'all' (every model on every domain) or 'checks' (what "
+                             "the report's checks read)")
+        plan = {"base": domains, **{f"specialist-{d}": [d] for d in domains}, "generalist": domains}
+        if "math" in domains:
+            plan["speciale"] = ["math"]
+        return plan
 
 
 def _rl_summary(r: dict) -> dict:

@@ -195,3 +195,36 @@ def test_bad_configs_name_the_problem(tmp_path, capsys):
     assert cli(["pipeline", "--preset", "huge", "--out", str(tmp_path)]) == 2
     assert "unknown pipeline preset 'huge'" in capsys.readouterr().err
 
+
+
+def test_eval_scope_checks_scores_what_every_check_reads(tmp_path):
+    from dsv32.report import checks
+
+    tiny = pipeline.tiny()
+    domains = tiny.specialists["domains"]
+    full = pipeline.Pipeline(tiny.replace(**{"eval.scope": "all"}), tmp_path / "a").eval_plan()
+    plan = pipeline.Pipeline(tiny, tmp_path / "b").eval_plan()
+    assert tiny.eval["scope"] == "checks" and full == {m: domains for m in MODELS}
+    assert plan["base"] == plan["generalist"] == domains and plan["speciale"] == ["math"] and "distilled" not in plan
+    assert all(plan[f"specialist-{d}"] == [d] for d in domains)
+
+    def fake(p):   # every planned (model, domain) scored, both modes
+        acc = {m: {d: {"thinking": 0.5, "non_thinking": 0.4} for d in ds} for m, ds in p.items()}
+        det = {m: {d: {"thinking": {"mean_length": 9.0}, "non_thinking": {"no_reasoning_block": 1.0}} for d in ds}
+               for m, ds in p.items()}
+        return checks(acc, det, domains, 20.0)
+
+    assert set(fake(plan)) == set(fake(full))   # no check goes missing with the smaller plan
+    with pytest.raises(ValueError, match="eval.scope='some'"):
+        pipeline.Pipeline(tiny.replace(**{"eval.scope": "some"}), tmp_path / "c").eval_plan()
+
+
+def test_tiny_math_specialist_trains_on_every_math_prompt_once():
+    from dsv32.train.sft import Recipe, task_examples
+
+    sft = {**pipeline.tiny().specialists["sft"], **pipeline.tiny().specialists["by_domain"]["math"]["sft"]}
+    pool = T.make_tasks("math", 10 * sft["tasks_per_domain"], split="train", allow_fewer=True)
+    assert sft["tasks_per_domain"] == len(pool)   # the whole training split: past the knee, no prompt repeated
+    examples = task_examples({"math": 1}, sft["tasks_per_domain"], [True, False])
+    assert len(examples) == 2 * len(pool) and len({tuple(e.ids) for e in examples}) == len(examples)
+    assert Recipe(**sft).steps > pipeline.tiny().specialists["sft"]["steps"]

@@ -207,3 +207,19 @@ def test_recipe_block_penalty_reaches_the_loss(tmp_path):
     sft.run_recipe(_model(), recipe, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("non_thinking_block_p" in r for r in rows)
+
+
+def test_check_share_gives_that_share_of_checked_math_traces():
+    """`Recipe.check` as a share: that many tasks' thinking traces end with their self-check, spread evenly; the
+    non-thinking replies and the other tasks keep their plain form."""
+    import pytest
+
+    from dsv32.train.sft import task_examples
+
+    plain, full, half = (task_examples({"math": 1}, 40, [True, False], check=c) for c in (0.0, 1.0, 0.5))
+    longer = [h.thinking and len(h.ids) > len(p.ids) for h, p in zip(half, plain)]
+    assert sum(longer) == 20 and not any(longer[:2]) and longer[2]   # task 0 plain, task 1 checked (ids 2, 3)
+    assert all(h.ids == (f.ids if lo else p.ids) for h, f, p, lo in zip(half, full, plain, longer) if h.thinking)
+    assert all(h.ids == p.ids for h, p in zip(half, plain) if not h.thinking)
+    with pytest.raises(ValueError, match="share of checked"):
+        task_examples({"math": 1}, 4, [True], check=1.5)

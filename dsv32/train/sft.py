@@ -58,7 +58,9 @@ class Recipe:
     seq_len: int = 600
     warmup_steps: int = 20
     seed: int = 0
-    check: bool = False   # thinking traces of chain tasks end with their self-check (`rl.tasks.checked_solution`)
+    # thinking traces of chain tasks end with their self-check (`rl.tasks.checked_solution`): True / 1.0 every one,
+    # a fraction in (0, 1) that share of the tasks (spread evenly; the others keep the plain trace), False / 0 none
+    check: float = 0.0
     block_penalty: float = 0.0   # `make_loss`: unlikelihood of <think>/</think> in non-thinking replies (0: off)
 
 
@@ -103,19 +105,22 @@ def encode(messages: list[dict], tokenizer, *, thinking: bool, tools=None, domai
 
 
 def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool], *, seed: int = 0,
-                  difficulty: int = 1, tokenizer=None, check: bool = False) -> list[Example]:
+                  difficulty: int = 1, tokenizer=None, check: float = 0.0) -> list[Example]:
     """Worked solutions of `n_per_domain * weight` generated training tasks per domain, in each mode; a domain
-    with fewer distinct training tasks repeats them (so the weights still set the mix). `check`: thinking
-    traces carry their self-check (`rl.tasks.task_messages`)."""
+    with fewer distinct training tasks repeats them (so the weights still set the mix). `check`: the share of
+    tasks whose thinking traces carry their self-check (`rl.tasks.task_messages`; True: all), spread evenly."""
     from ..rl import tasks as T
 
+    if not 0.0 <= float(check) <= 1.0:
+        raise ValueError(f"sft check={check!r}: give the share of checked thinking traces in [0, 1] (True: all)")
     tokenizer = tokenizer or ByteTokenizer()
     out = []
     for domain, weight in domains.items():
         want = n_per_domain * weight
         pool = T.make_tasks(domain, want, split="train", seed=seed, difficulty=difficulty, allow_fewer=True)
-        encoded = [encode(T.task_messages(task, thinking=thinking, check=check), tokenizer, thinking=thinking,
-                          tools=T.tools_for(task), domain=domain) for task in pool for thinking in modes]
+        checked = [int((i + 1) * check) > int(i * check) for i in range(len(pool))]   # evenly spread
+        encoded = [encode(T.task_messages(task, thinking=thinking, check=c), tokenizer, thinking=thinking,
+                          tools=T.tools_for(task), domain=domain) for task, c in zip(pool, checked) for thinking in modes]
         out += [encoded[k % len(encoded)] for k in range(want * len(modes))]
     return out
 
