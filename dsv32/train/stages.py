@@ -196,7 +196,7 @@ def build_repeat_dataset(seq_len: int, seed: int, n_rows: int, answer_weight: fl
     kind="digits": one `corpus.digit_copy_document` of up to `seq_len` tokens per row instead (copying in order
     across a gap), padded; with `kv_key_share` > 0 that share of the rows (at random) holds a
     `corpus.kv_key_document` instead (2-3 one-token keys, 1-2 asked): on short rows the model learns to find a key
-    among distractors, which it does not learn on full-length rows (/tmp scratch measurements in the Recipe comment)."""
+    among distractors, which it does not learn on full-length rows (measurements in the `dsa-recipe` Recipe comment)."""
     from ..data import ByteTokenizer, PackedDataset
     from ..data.corpus import digit_copy_document, kv_key_document, repeat_document
 
@@ -205,7 +205,8 @@ def build_repeat_dataset(seq_len: int, seed: int, n_rows: int, answer_weight: fl
     if kind not in ("repeat", "digits"):
         raise ValueError(f"build_repeat_dataset: kind={kind!r}; choose 'repeat' or 'digits'")
     if not 0.0 <= kv_key_share <= 1.0 or (kv_key_share and kind != "digits"):
-        raise ValueError(f"build_repeat_dataset: kv_key_share={kv_key_share}; pass a share in [0, 1], with kind='digits'")
+        raise ValueError(f"build_repeat_dataset: kv_key_share={kv_key_share}; pass a share in [0, 1], "
+                         "with kind='digits'")
     if kind == "digits":
         rng = random.Random(seed + 41)
         docs = [digit_copy_document(rng, seq_len - 1) for _ in range(n_rows)]
