@@ -260,9 +260,9 @@ def main(argv: list[str]) -> int:
     result = retrieval_accuracy(model, lengths, kinds=kinds, n=args.n, seed=args.seed, batch_size=args.batch_size)
     print(format_table(result))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": str(path), "n": args.n, "seed": args.seed,
-                                   "results": {str(L): r for L, r in result.items()}}, indent=2))
+        from ..io import atomic_write
+
+        out = atomic_write(args.out, json.dumps({"model": str(path), "n": args.n, "seed": args.seed,
+                                                 "results": {str(L): r for L, r in result.items()}}, indent=2))
         print(f"wrote {out}")
     return 0
