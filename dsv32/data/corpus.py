@@ -103,6 +103,17 @@ def passkey_document(rng: random.Random, length: int, depth: float | None = None
     return Document(text + key + ".", [(len(text), len(text) + len(key))], "passkey")
 
 
+def _spread(rng: random.Random, pieces: list[str], body: int) -> str:
+    """`pieces` in order, separated by `body` characters of filler cut into len(pieces) + 1 random gaps (so the
+    pieces sit at spread-out depths)."""
+    cuts = sorted(rng.randrange(body + 1) for _ in pieces)
+    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
+    text = filler(rng, gaps[0])
+    for piece, gap in zip(pieces, gaps[1:]):
+        text += piece + filler(rng, gap)
+    return text
+
+
 def kv_recall_document(rng: random.Random, length: int, n_pairs: int, n_queries: int = 4) -> Document:
     """`n_pairs` "key#value" lines spread through filler, then `n_queries` lines "key#" asking for the values of
     earlier keys, each answered by its value and ".".
@@ -121,13 +132,7 @@ def kv_recall_document(rng: random.Random, length: int, n_pairs: int, n_queries:
     body = length - fixed
     if body < 0:
         _too_short("kv_recall_document", length, fixed)
-    # Split the filler into n_pairs + 1 random gaps so the pairs sit at spread-out depths.
-    cuts = sorted(rng.randrange(body + 1) for _ in range(n_pairs))
-    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
-    text = filler(rng, gaps[0])
-    for line, gap in zip(lines, gaps[1:]):
-        text += line + filler(rng, gap)
-    text += "\n"
+    text = _spread(rng, lines, body) + "\n"
     answers = []
     for q, v in queries:
         text += q
@@ -160,12 +165,7 @@ def kv_key_document(rng: random.Random, length: int, n_pairs: int, n_queries: in
     body = length - fixed
     if body < 0:
         _too_short("kv_key_document", length, fixed)
-    cuts = sorted(rng.randrange(body + 1) for _ in range(n_pairs))
-    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
-    text = filler(rng, gaps[0])
-    for line, gap in zip(lines, gaps[1:]):
-        text += line + filler(rng, gap)
-    text += "\n"
+    text = _spread(rng, lines, body) + "\n"
     answers = []
     for i in asked:
         text += f"\n{keys[i]}"
@@ -189,12 +189,7 @@ def multihop_document(rng: random.Random, length: int, hops: int = 3, n_distract
     body = length - fixed
     if body < 0:
         _too_short("multihop_document", length, fixed)
-    cuts = sorted(rng.randrange(body + 1) for _ in facts)
-    gaps = [b - a for a, b in zip([0] + cuts, cuts + [body])]
-    text = filler(rng, gaps[0])
-    for fact, gap in zip(facts, gaps[1:]):
-        text += fact + filler(rng, gap)
-    text += question
+    text = _spread(rng, facts, body) + question
     return Document(text + target[-1] + ".", [(len(text), len(text) + len(target[-1]))], "multihop")
 
 
