@@ -85,6 +85,12 @@ class PipelineConfig:
 _EVAL_RL = {"eval_n": 48}   # the RL runs' own before/after check; the pipeline's eval stage is the real one
 
 
+# The DSA recipe's retrieval curriculum (induction, digits and keys phases, ~25 min) is `dsv32 dsa-recipe`'s:
+# the pipeline needs a sparse base in ~2.5 minutes, so it runs the plain pretraining mix.
+_NO_CURRICULUM = dict(induction_steps=0, digit_steps=0, key_steps=0, n_repeat=0, n_digit_copy=0, pretrain_lr=3e-3,
+                      synthetic_kinds=("passkey", "kv_recall"))
+
+
 def tiny() -> PipelineConfig:
     """The `make demo` run: the tiny model through every stage in about 25 minutes of a 2-core CPU.
 
@@ -102,7 +108,7 @@ def tiny() -> PipelineConfig:
         # The pipeline's base keeps the preset's init and no copy episodes (the DSA recipe's own defaults,
         # init_std 0.1 + 2000 copy documents, aim at retrieval, which 150 steps do not reach anyway).
         # (and its measured pretraining batch: 8 rows, not the recipe's default 4)
-        recipe=dict(seq_len=512, batch_size=8, pretrain_batch_size=8, pretrain_steps=120, warmup_steps=30,
+        recipe=dict(**_NO_CURRICULUM, seq_len=512, batch_size=8, pretrain_batch_size=8, pretrain_steps=120, warmup_steps=30,
                     sparse_steps=30, n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6,
                     val_rows=8),
         # block_penalty (`sft.make_loss`) in the base's and the specialists' SFT too: at n = 200 the base (alignment)
@@ -176,7 +182,7 @@ def micro() -> PipelineConfig:
           "n_train_tasks": 16, "ckpt_every": 100, "loss.entropy_coef": 1e-3}
     return PipelineConfig(
         name="micro",
-        recipe=dict(seq_len=320, batch_size=2, pretrain_batch_size=2, pretrain_steps=4, warmup_steps=3, sparse_steps=3,
+        recipe=dict(**_NO_CURRICULUM, seq_len=320, batch_size=2, pretrain_batch_size=2, pretrain_steps=4, warmup_steps=3, sparse_steps=3,
                     n_synthetic=8, n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
         sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),

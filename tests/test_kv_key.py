@@ -87,7 +87,7 @@ def test_digit_rows_with_a_share_of_kv_key_rows():
 def test_recipe_evaluates_the_trained_retrieval_kinds():
     from dsv32.train.recipe import Recipe, eval_kinds
 
-    assert eval_kinds(Recipe()) == ("passkey", "kv_recall")  # the default is unchanged
-    assert eval_kinds(Recipe(synthetic_kinds=("passkey", "kv_key", "multihop"))) == ("passkey", "kv_key")
+    assert eval_kinds(Recipe()) == ("passkey", "kv_key")
+    assert eval_kinds(Recipe(synthetic_kinds=("passkey", "kv_recall", "multihop"))) == ("passkey", "kv_recall")
     with pytest.raises(ValueError, match="synthetic_kinds"):
         eval_kinds(Recipe(synthetic_kinds=("multihop",)))

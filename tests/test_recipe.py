@@ -39,7 +39,7 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, mon
     assert set(report["retrieval"]) == {"256", "320"}
     for v in report["retrieval"].values():
         assert 0.0 <= v["dense"] <= 1.0 and 0.0 <= v["sparse"] <= 1.0
-        assert set(v["tokens"]) == {"passkey", "kv_recall"}  # partial credit per kind, beside exact match
+        assert set(v["tokens"]) == {"passkey", "kv_key"}  # partial credit per kind, beside exact match
         assert all(v["kinds"][k][m] <= v["tokens"][k][m] <= 1.0 for k in v["tokens"] for m in ("dense", "sparse"))
     assert 0.0 < report["recall_untrained"] <= 1.0 and 0.0 < report["recall_stage1"] <= 1.0
     assert report["val_loss_sparse"] > 0 and report["val_loss_dense"] > 0

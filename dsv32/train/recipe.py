@@ -39,61 +39,45 @@ class Recipe:
     seq_len: int = 256                # 2x the optimizer steps of 512-token rows for the same tokens; top-64 = L/4
     batch_size: int = 8               # rows per step of stage 1, stage 2 and the dense control
     pretrain_batch_size: int = 4      # half the rows of stage 2: twice the optimizer steps for the same tokens
-    # Optional phase 1 of pretraining (stage "induction", 0 skips it): short rows of repeated random strings only
-    # (corpus.repeat_document). Measured (copy probes, rows of 32, batch 32, lr 3e-3): copy accuracy creeps from 0.2
-    # to 0.55 by step 1200 and jumps from ~1300 on. With 1500 steps here, n_repeat=3000, pretrain_lr=1e-3 and 1200
-    # pretrain steps, copying repeated strings reaches 0.78 at 256 tokens, but it does not transfer: passkey and
-    # key-value retrieval stay at 0 and the held-out loss is 1.27 (0.86 with these defaults), so it is off by default.
-    # With the questions in the needle's own form ("The pass key is #", "key#"; corpus.passkey_document) the same run
-    # (18.6 min) gets answer tokens right (dsa.retrieval "tokens", dense at 160 / 256 / 512: passkey 0.65 / 0.47 /
-    # 0.33, key-value 0.21 / 0.19 / 0.22) but few whole answers (passkey 0.08 at 160, else 0): the model reads the
-    # key's digits, not their order ("69294" -> "99244"). Turning it on here would also change `dsv32 pipeline`,
-    # which does not pin these fields.
-    # Optional phase 2 (stage "digits", 0 skips it): short rows of digit strings copied across filler
-    # (corpus.digit_copy_document) teach copying in order across a gap: after it, exact copies 0.90 at 47 tokens,
-    # 0.75 at 100, 0.12 at 200. With --induction-steps 1500 --digit-steps 1200 --n-repeat 3000 --n-digit-copy 2000
-    # --pretrain-lr 1e-3 --pretrain-steps 1200 (27 min): passkey 1.00 dense and sparse at 160 and 256 (0 at 512,
-    # beyond the training length), key-value still 0 (0.45 / 0.35 of its digits; likely because a key is six bytes
-    # to match where the pass key's mark is one). Held-out loss sparse vs dense +0.14%, recall 0.56 -> 0.97.
-    induction_steps: int = 0
+    # Retrieval curriculum: three phases on short rows before pretraining (0 steps skips a phase). A 4M byte-level
+    # model grows no retrieval from long rows alone (passkey and key-value 0.00 exact after 1800 pretraining steps).
+    # 1. "induction": rows of random strings said twice (corpus.repeat_document): copying forms (~1300 steps).
+    # 2. "digits": digit strings copied across filler (corpus.digit_copy_document): copying in order across a gap.
+    # 3. "keys": key-value needles with one-token keys (corpus.kv_key_document, 2-3 needles, 1-2 asked) in
+    #    `key_share` of the rows, digit copies in the rest: picking the right needle by its key. It forms only
+    #    after "digits", not mixed into it (0.00 at 47 tokens after 1200 steps) nor on rows of 256 (500 steps: 0.00).
+    # `n_repeat` / `n_digit_copy` keep phases 1-2's documents in the pretraining mix, so copying does not erode
+    # (at pretrain_lr 3e-3 it fell from 0.73 to 0 within 300 steps: 1e-3 after the curriculum).
+    # kv_key, not kv_recall: the "key#" question of kv_recall needs a two-token match among several "#"s and stays
+    # at 0.00 exact; a one-token key is first-order induction, like the passkey's unique "#".
+    # Measured with these defaults (one thread of a shared 2-core machine, ~36 min; 24 documents per kind): dense /
+    # sparse 0.96 / 0.95 at 160 and 0.97 / 0.98 at 256 (passkey 1.00; kv_key 0.92 / 0.90, 0.94 / 0.96), 0.00 at
+    # 512 (beyond the training length); recall 0.50 -> 0.99; held-out loss sparse vs dense -0.06%. Without the keys
+    # phase kv_key is 0.00; with 1000 key steps 0.79 / 0.75 at 160.
+    induction_steps: int = 1500
     induction_seq_len: int = 32
     induction_batch_size: int = 32
     induction_lr: float = 3e-3
-    # `n_digit_copy` keeps digit-copy documents in the pretraining mix (64 tokens up to seq_len).
-    digit_steps: int = 0
+    digit_steps: int = 1200
     digit_seq_len: int = 48
     digit_batch_size: int = 32
     digit_lr: float = 2e-3
-    n_digit_copy: int = 0
-    # Optional phase 3 (stage "keys", 0 skips it; after "digits"): short rows of key-value needles with one-token
-    # keys (corpus.kv_key_document, 2-3 needles, 1-2 asked), `key_share` of them, the rest digit copies so copying
-    # in order does not erode. Train and evaluate the format with synthetic_kinds=("passkey", "kv_key"). Why: the
-    # "key#" questions of kv_recall need a two-token match (0.00 exact above); a one-token key is first-order
-    # induction, yet it did not form on rows of 256 (500 steps: 0.00 exact, 0.12 of digits) nor mixed into the
-    # digits rows from their start (1200 steps, half the rows: 0.00 at 47 tokens); on rows of 64 after the digits
-    # phase the right needle is found (first digit right with 2 / 3 needles: 0.75 / 0.54 after 1000 steps, the rest
-    # copied ~0.98), and pretraining stretches it. With --induction-steps 1500 --digit-steps 1200 --key-steps 1000
-    # --n-repeat 3000 --n-digit-copy 2000 --pretrain-lr 1e-3 --pretrain-steps 1200 --synthetic-kinds passkey,kv_key
-    # (30 min, one thread; 24 documents per kind): dense / sparse 0.90 / 0.88 at 160, 0.89 / 0.89 at 256 (passkey
-    # 1.00 both; kv_key 0.79 / 0.75 and 0.77 / 0.77), 0.07 / 0.06 at 512; recall 0.53 -> 0.99; loss +0.23%.
-    # With --key-steps 2000 (36 min; first digit right with 2 / 3 needles 1.00 / 0.99 after it): 0.96 / 0.95 at 160,
-    # 0.97 / 0.98 at 256 (kv_key 0.92 / 0.90 and 0.94 / 0.96), 0.00 at 512; recall 0.50 -> 0.99; loss -0.06%.
-    key_steps: int = 0
+    n_digit_copy: int = 2000
+    key_steps: int = 2000
     key_seq_len: int = 64
     key_batch_size: int = 32
     key_lr: float = 2e-3
     key_share: float = 0.75
-    pretrain_steps: int = 1800        # (and time: ~8.5 CPU-minutes); copying forms slowly, over many steps
+    pretrain_steps: int = 1200
     warmup_steps: int = 150
     sparse_steps: int = 100
-    pretrain_lr: float = 3e-3         # after an induction phase use 1e-3: at 3e-3, with no repeated strings in
-                                      # the mix, its copying fell from 0.73 to 0 within 300 steps
+    pretrain_lr: float = 1e-3
     warmup_lr: float = 1e-3
     sparse_lr: float = 3e-4
     n_synthetic: int = 6000           # synthetic long-range documents (passkey, key-value): ~1.3 epochs
     n_copy: int = 2000                # copy-episode documents: they grow the induction heads retrieval needs
-    n_repeat: int = 0                 # repeated-string documents (64 up to seq_len): keep an induction phase's copying
-    synthetic_kinds: tuple = ("passkey", "kv_recall")  # the evaluated formats only: fewer formats to learn
+    n_repeat: int = 3000              # repeated-string documents (64 up to seq_len): keep the induction phase's copying
+    synthetic_kinds: tuple = ("passkey", "kv_key")  # the evaluated formats only: fewer formats to learn
     min_synthetic_length: int = 140   # their lengths are spread from here up to seq_len
     answer_weight: float = 4.0        # loss weight of their answer spans
     eval_lengths: tuple = (160, 256, 512)  # 512 is beyond the training length: reported, not required
