@@ -108,8 +108,8 @@ def tiny() -> PipelineConfig:
         # The pipeline's base keeps the preset's init and no copy episodes (the DSA recipe's own defaults,
         # init_std 0.1 + 2000 copy documents, aim at retrieval, which 150 steps do not reach anyway).
         # (and its measured pretraining batch: 8 rows, not the recipe's default 4)
-        recipe=dict(**_NO_CURRICULUM, seq_len=512, batch_size=8, pretrain_batch_size=8, pretrain_steps=120, warmup_steps=30,
-                    sparse_steps=30, n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6,
+        recipe=dict(**_NO_CURRICULUM, seq_len=512, batch_size=8, pretrain_batch_size=8, pretrain_steps=120,
+                    warmup_steps=30, sparse_steps=30, n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6,
                     val_rows=8),
         # block_penalty (`sft.make_loss`) in the base's and the specialists' SFT too: at n = 200 the base (alignment)
         # and the alignment specialist wrote `...: safe, help</think>` in 1 of 200 non-thinking replies without it.
@@ -182,8 +182,8 @@ def micro() -> PipelineConfig:
           "n_train_tasks": 16, "ckpt_every": 100, "loss.entropy_coef": 1e-3}
     return PipelineConfig(
         name="micro",
-        recipe=dict(**_NO_CURRICULUM, seq_len=320, batch_size=2, pretrain_batch_size=2, pretrain_steps=4, warmup_steps=3, sparse_steps=3,
-                    n_synthetic=8, n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
+        recipe=dict(**_NO_CURRICULUM, seq_len=320, batch_size=2, pretrain_batch_size=2, pretrain_steps=4,
+                    warmup_steps=3, sparse_steps=3, n_synthetic=8, n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
         sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
         specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl,
