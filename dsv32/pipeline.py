@@ -109,8 +109,8 @@ def tiny() -> PipelineConfig:
         # init_std 0.1 + 2000 copy documents, aim at retrieval, which 150 steps do not reach anyway).
         # (and its measured pretraining batch: 8 rows, not the recipe's default 4)
         recipe=dict(**_NO_CURRICULUM, seq_len=512, batch_size=8, pretrain_batch_size=8, pretrain_steps=120,
-                    warmup_steps=30, sparse_steps=30, n_synthetic=600, n_copy=0, overrides={}, eval_lengths=(256, 512), eval_n=6,
-                    val_rows=8),
+                    warmup_steps=30, sparse_steps=30, n_synthetic=600, n_copy=0, overrides={},
+                    eval_lengths=(256, 512), eval_n=6, val_rows=8),
         # block_penalty (`sft.make_loss`) in the base's and the specialists' SFT too: at n = 200 the base (alignment)
         # and the alignment specialist wrote `...: safe, help</think>` in 1 of 200 non-thinking replies without it.
         # 250 steps, not the recipe's 300: the time went to the math specialist (losses at 240 / 300 of a 300-step
