@@ -183,7 +183,8 @@ def micro() -> PipelineConfig:
     return PipelineConfig(
         name="micro",
         recipe=dict(**_NO_CURRICULUM, seq_len=320, batch_size=2, pretrain_batch_size=2, pretrain_steps=4,
-                    warmup_steps=3, sparse_steps=3, n_synthetic=8, n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2, overrides=model),
+                    warmup_steps=3, sparse_steps=3, n_synthetic=8, n_copy=0, eval_lengths=(320,), eval_n=1, val_rows=2,
+                    overrides=model),
         sft=dict(recipe="micro", steps=90, lr=6e-3, batch_size=4, seq_len=640, warmup_steps=2, tasks_per_domain=32,
                  domains={"alignment": 4, "logic": 2, "math": 1, "tool": 1}),
         specialists=dict(domains=list(S.DOMAINS), steps=2, rl=rl,
