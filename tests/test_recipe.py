@@ -50,10 +50,12 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, mon
     timeline = json.loads((tmp_path / "timeline.json").read_text())
     assert set(recipe.STAGE_ORDER) <= set(timeline)
     rows = {s: checkpoint.load_latest(tmp_path / s).config["batch_size"] for s in recipe.STAGE_ORDER}
-    assert rows == {"induction": 4, "digits": 4, "keys": 4, "pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2, "dense-control": 2}
+    assert rows == {"induction": 4, "digits": 4, "keys": 4, "pretrain": 3, "dsa-warmup": 2, "dsa-sparse": 2,
+                    "dense-control": 2}
     # The digit phase continues from the induction phase (short rows of repeated strings), pretraining from the
     # digit phase, not from scratch.
-    assert built[:4] == [None, tmp_path / "induction" / "final", tmp_path / "digits" / "final", tmp_path / "keys" / "final"]
+    assert built[:4] == [None, tmp_path / "induction" / "final", tmp_path / "digits" / "final",
+                         tmp_path / "keys" / "final"]
     assert report["steps"]["induction"] == 3 and report["steps"]["digits"] == 2 and report["steps"]["keys"] == 2
 
     # Run again: every stage is found finished and only the evaluation runs, with identical results.
@@ -64,8 +66,8 @@ def test_recipe_runs_every_stage_reports_and_skips_finished_stages(tmp_path, mon
 
 
 def test_recipe_without_the_induction_phase_pretrains_from_scratch(tmp_path):
-    dsa = recipe.run(_micro(induction_steps=0, digit_steps=0, key_steps=0, pretrain_steps=2, warmup_steps=2, sparse_steps=2,
-                            eval_lengths=(320,)),
+    dsa = recipe.run(_micro(induction_steps=0, digit_steps=0, key_steps=0, pretrain_steps=2, warmup_steps=2,
+                            sparse_steps=2, eval_lengths=(320,)),
                      tmp_path, log=lambda line: None)
     assert not any((tmp_path / s).exists() for s in ("induction", "digits", "keys"))
     assert (tmp_path / "pretrain" / "final" / "config.json").is_file()

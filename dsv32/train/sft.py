@@ -120,7 +120,8 @@ def task_examples(domains: dict[str, int], n_per_domain: int, modes: list[bool],
         pool = T.make_tasks(domain, want, split="train", seed=seed, difficulty=difficulty, allow_fewer=True)
         checked = [int((i + 1) * check) > int(i * check) for i in range(len(pool))]   # evenly spread
         encoded = [encode(T.task_messages(task, thinking=thinking, check=c), tokenizer, thinking=thinking,
-                          tools=T.tools_for(task), domain=domain) for task, c in zip(pool, checked) for thinking in modes]
+                          tools=T.tools_for(task), domain=domain)
+                   for task, c in zip(pool, checked) for thinking in modes]
         out += [encoded[k % len(encoded)] for k in range(want * len(modes))]
     return out
 
