@@ -205,7 +205,7 @@ class MLA(nn.Module):
         for (t0, t1, lo, hi, all_visible, causal), use_mha in zip(chunks, mha):
             t = slice(t0, t1)
             idx_BtK = None
-            if not all_visible:
+            if not (all_visible and use_mha):  # MHA over all-visible rows needs no selection
                 idx_BtK = ops.indexer_topk(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS, ctx.ks[:, t],
                                            ctx.ke[:, t], self.topk)
             if use_mha:
@@ -218,9 +218,6 @@ class MLA(nn.Module):
                     mask = ref.selected_mask(torch.where(idx_BtK >= 0, idx_BtK - lo, -1), hi - lo)
                 o_BTHV[:, t] = self._sdpa(q_nope_BTHN[:, t], q_pe_BTHP[:, t], k_BHWD[:, :, w], v_BHWD[:, :, w], mask)
             else:
-                if idx_BtK is None:  # absorbed mode over every visible key: the top-k of all of them
-                    idx_BtK = ops.indexer_topk(iq_BTHD[:, t], iw_BTH[:, t], ik_BSD, ik_scale_BS, ctx.ks[:, t],
-                                               ctx.ke[:, t], self.topk)
                 o_lat_BtHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN[:, t]), q_pe_BTHP[:, t], kv_BSR, pe_BSP,
                                             idx_BtK, self.softmax_scale)
                 o_BTHV[:, t] = self._absorb_out(o_lat_BtHR)
