@@ -60,8 +60,8 @@ def checks(eval_: dict, details: dict, domains, minutes: float | None) -> dict:
     t, n = a("generalist", "math"), a("generalist", "math", "non_thinking")
     if t is not None and n is not None:
         out["generalist_math_thinking_ge_non_thinking"] = {"ok": t >= n, "thinking": t, "non_thinking": n}
-    def clean(model, served):   # worst share of non-thinking replies with no reasoning block, over `served`
-        return min((x["non_thinking"].get("no_reasoning_block", 1.0) for d, x in details[model].items()
+    def clean(model, served, key="no_reasoning_block"):   # worst share of clean non-thinking replies over `served`
+        return min((x["non_thinking"].get(key, 1.0) for d, x in details[model].items()
                     if d in served and "non_thinking" in x), default=1.0)
 
     # A model is held to the domains it serves in non-thinking mode: the generalist (and base, distilled) all of
@@ -74,7 +74,9 @@ def checks(eval_: dict, details: dict, domains, minutes: float | None) -> dict:
         by_model = {m: clean(m, own[m]) for m in own}
         out["non_thinking_has_no_reasoning_block"] = {
             "ok": all(v == 1.0 for v in by_model.values()), "by_model": by_model, "domains": own,
-            "any_domain": {m: clean(m, list(details[m])) for m in details}}
+            "any_domain": {m: clean(m, list(details[m])) for m in details},
+            # the sampler bans the markers in non-thinking mode; what the models would have written without it:
+            "unbanned": {m: clean(m, own[m], "no_reasoning_block_unbanned") for m in own}}
     sp, g = a("speciale", "math"), a("generalist", "math")
     if sp is not None and g is not None:
         ls = details["speciale"]["math"]["thinking"]["mean_length"]

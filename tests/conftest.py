@@ -34,6 +34,24 @@ def scale_weights(model, std: float = 0.3, seed: int = 0):
     return model
 
 
+def successor_model(table: dict[int, int], vocab_size: int, max_seq_len: int = 512):
+    """A real Transformer whose greedy next token follows `table` (current token id -> next id): attention and
+    MLP outputs are zeroed, so the residual stream is the current token's embedding, and the LM head scores id j
+    by the cosine between the current token and j's predecessor in `table`."""
+    from dsv32 import Transformer
+
+    model = Transformer(make_config(vocab_size=vocab_size, max_seq_len=max_seq_len))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight", "ffn.w2")):
+                p.zero_()  # attention and MLPs write nothing: the residual stream is the token embedding
+        unit = model.embed.weight / model.embed.weight.norm(dim=-1, keepdim=True)
+        model.head.weight.zero_()
+        for prev, nxt in table.items():
+            model.head.weight[nxt] = 10.0 * unit[prev]
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

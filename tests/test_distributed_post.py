@@ -204,5 +204,8 @@ def test_rl_two_ranks_equal_one_process_and_refresh_replicas(two_ranks, tmp_path
     start = _micro().state_dict()
     moved = max((trainer.model.state_dict()[k] - v).abs().max().item() for k, v in start.items())
     assert moved > 1e-3  # the comparison below is not between two untrained models
+    # Adam's first steps normalise this micro run's near-zero gradients, so the reduction-order noise of other batch
+    # shapes per rank reaches ~3e-5 in the weights (the non-thinking rows replay kept sets, which shifts it); a
+    # wrong gradient or a rank that sampled other tokens moves them by ~1e-2.
     for k, v in trainer.model.state_dict().items():
-        torch.testing.assert_close(r0["rl"]["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(r0["rl"]["weights"][k], v, rtol=1e-4, atol=1e-4, msg=k)

@@ -263,3 +263,19 @@ def test_fp8_index_key_cache_through_the_engine():
     outs = Engine(model, max_batch=3).generate(ps, SamplingParams(max_tokens=12, logprobs=True, seed=1))
     for p, c in zip(ps, outs):
         assert (torch.tensor(c.logprobs) - full_logprobs(model, p, c.token_ids)).abs().max() < 1e-4
+
+
+def test_banned_tokens_are_never_generated_and_the_engine_counts_what_the_ban_changed():
+    model = build("sparse", torch.float64, scaled=False)
+    ps = prompts()
+    free = Engine(model, max_batch=3).generate(ps, SamplingParams(temperature=0, max_tokens=6))
+    assert all(c.banned_argmax == 0 for c in free)
+    first = sorted({c.token_ids[0] for c in free})
+    sp = SamplingParams(temperature=0.9, max_tokens=6, logprobs=True, seed=3).banning(first)
+    outs = Engine(model, max_batch=3).generate(ps, sp)
+    for p, c, f in zip(ps, outs, free):
+        assert not set(c.token_ids) & set(first) and c.banned_argmax >= 1   # its greedy first token was banned
+        replayed = full_logprobs(model, p, c.token_ids, 0.9, kept=c.kept.mask())
+        assert ((replayed - torch.tensor(c.logprobs, dtype=torch.float64)).exp() - 1).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="banned_token_ids"):
+        Engine(model).add_request([1, 2], SamplingParams(banned_token_ids=(model.cfg.vocab_size,)))

@@ -300,6 +300,11 @@ def test_token_entropy_over_a_kept_set_and_the_entropy_term():
                         LossConfig(entropy_coef=0.1), entropy_BT=ent)
     loss.backward()
     assert m["entropy"] > 0 and z.grad[0, 0, 0] > 0         # minimising −c·H pushes the peak down
+    # over a kept set (banned or truncated ids at -inf) the gradient is finite, and 0 outside the set
+    x = torch.zeros(1, 1, 4, requires_grad=True)
+    token_entropy(torch.log_softmax(x.masked_fill(torch.tensor([True, True, True, False]).logical_not(),
+                                                  -math.inf), -1)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0, 0, 3] == 0
 
 
 # ---------------------------------------------------------------- parity with TRL

@@ -133,3 +133,28 @@ def test_sampling_follows_the_processed_distribution():
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})
+
+
+def test_banned_ids_get_no_mass_are_outside_the_kept_set_and_replay_exactly():
+    """Banned ids come out before the filters: never kept, never the greedy pick, and the trainer's replay over
+    the kept sets (which exclude them) gives the sampler's log-probs exactly."""
+    x = logits()
+    top = x.argmax(-1)
+    for p in (SamplingParams(temperature=0.8), SamplingParams(temperature=0.8, top_k=3, top_p=0.9),
+              SamplingParams(temperature=0.0)):
+        banned = p.banning(top.tolist())
+        assert banned.truncates and banned.banned_token_ids == tuple(sorted(set(top.tolist())))
+        lp, kept = process_logits(x, banned)
+        assert not kept[:, list(banned.banned_token_ids)].any() and torch.isinf(lp[kept.logical_not()]).all()
+        assert (kept.sum(-1) >= 1).all() and (lp.exp().sum(-1) - 1).abs().max() < 1e-5
+        tok = sample(lp, [None] * len(x), [p.temperature == 0] * len(x))
+        assert not any(t in banned.banned_token_ids for t in tok.tolist())
+        if p.temperature == 0:   # the argmax of what is left
+            ban = torch.zeros_like(kept)
+            ban[:, list(banned.banned_token_ids)] = True
+            assert torch.equal(tok, x.masked_fill(ban, float("-inf")).argmax(-1))
+        replay = logprobs_over_kept(x, tok, kept, p.temperature)
+        assert torch.equal(replay, lp.gather(1, tok[:, None]).squeeze(1))
+    with pytest.raises(ValueError, match="banned_token_ids"):
+        SamplingParams(banned_token_ids=(-1,))
+    assert SamplingParams(logprobs=True).banning([3]).return_kept   # RL needs the kept sets to replay the ban

@@ -19,9 +19,8 @@ import urllib.request
 
 import openai
 import pytest
-import torch
 import uvicorn
-from conftest import make_config
+from conftest import successor_model
 
 from dsv32 import Transformer
 from dsv32.data.tokenizer import ByteTokenizer
@@ -47,16 +46,7 @@ def successors() -> dict[int, int]:
 
 
 def scripted_model() -> Transformer:
-    model = Transformer(make_config(vocab_size=TOK.vocab_size, max_seq_len=512))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("wo.weight", "w2.weight", "ffn.w2")):
-                p.zero_()  # attention and MLPs write nothing: the residual stream is the token embedding
-        unit = model.embed.weight / model.embed.weight.norm(dim=-1, keepdim=True)
-        model.head.weight.zero_()
-        for prev, nxt in successors().items():
-            model.head.weight[nxt] = 10.0 * unit[prev]
-    return model
+    return successor_model(successors(), TOK.vocab_size)
 
 
 def letters_after(c: str, n: int) -> str:

@@ -82,3 +82,25 @@ def test_eval_suites_command(tmp_path):
     assert cli(["eval", "suites", "--model", str(model_dir), "--domains", "math,chess"]) == 2
     assert cli(["eval", "suites", "--model", str(model_dir), "--n", "2", "--mode", "thinking", "--domains", "logic",
                 "--max-tokens", "2"]) == 0
+
+
+def test_non_thinking_replies_never_sample_a_reasoning_marker():
+    """A model that wants `</think>` after `</think>` (the non-thinking opener) forever: the rollout bans the
+    markers in non-thinking mode, so its replies hold none; the score keeps the rate before the ban (0 here)."""
+    from dsv32.data.chat import reasoning_marker_ids
+    from dsv32.serve.engine import Engine
+    from dsv32.serve.sampling import SamplingParams
+    from dsv32.rl.rollout import rollout
+    from conftest import successor_model
+
+    begin, end = reasoning_marker_ids(TOK)
+    model = successor_model({end: end, begin: end}, TOK.vocab_size).eval()
+    tasks = T.make_tasks("math", 3, split="heldout")
+    engine = Engine(model, max_batch=8, eos_id=TOK.eos_id, decode=TOK.decode, vocab_limit=TOK.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    direct = rollout(engine, TOK, tasks, group_size=1, params=params, thinking=False)
+    assert all(s.banned_argmax >= 1 and not {begin, end} & set(s.ids[s.prompt_len:]) for s in direct)
+    d = suites.score(direct, TOK)
+    assert d["no_reasoning_block"] == 1.0 and d["no_reasoning_block_unbanned"] == 0.0
+    think = rollout(engine, TOK, tasks, group_size=1, params=params, thinking=True)   # nothing banned here
+    assert all(s.ids[s.prompt_len] == end and s.banned_argmax == 0 for s in think)

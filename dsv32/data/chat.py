@@ -174,6 +174,14 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)  # Hugging Face tokenizers
 
 
+def reasoning_marker_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of `<think>` and `</think>` (each one token in dsv32's and V3.2's tokenizers). A non-thinking turn
+    bans them when it samples (`SamplingParams.banning`): its opener already closed the reasoning, so its reply
+    holds no reasoning block by construction."""
+    ids = [tokenizer.encode(m) for m in (THINK_BEGIN, THINK_END)]
+    return tuple(i[0] for i in ids if len(i) == 1)
+
+
 def encode_prompt(messages: list[dict], tokenizer, *, thinking: bool, tools: list[dict] | None = None) -> list[int]:
     """Token ids of `render(...)` with the generation prompt (BOS included once)."""
     return _encode(tokenizer, render(messages, thinking=thinking, tools=tools))

@@ -7,7 +7,8 @@ Greedy decoding (temperature 0) through the serving engine, with the RL rollout'
 outputs appended, generation continues, up to `max_turns` model turns; rl-distill-anchors.md §1.6).
 Per domain and mode: accuracy (the final reply verifies with `rl.tasks.verify` and ended with EOS), mean
 response length in tokens (all model turns), format compliance (the template parses, nothing truncated),
-for non-thinking mode the share of replies with no reasoning block anywhere, and for tool tasks the share
+for non-thinking mode the share of replies with no reasoning block anywhere (the sampler bans the markers in
+that mode) and the same share before the ban (`no_reasoning_block_unbanned`), and for tool tasks the share
 that called a tool.
 
     result = evaluate_suites(model, heldout_tasks(n=100))
@@ -58,7 +59,11 @@ def score(samples: list, tokenizer=None) -> dict:
            "truncated": sum(s.truncated for s in samples) / n}
     if not thinking:  # everything the model wrote, every turn: no <think> or </think> anywhere
         generated = [tok.decode([t for t, m in zip(s.ids, s.gen_mask) if m]) for s in samples]
-        out["no_reasoning_block"] = sum("<think>" not in g and "</think>" not in g for g in generated) / n
+        clean = ["<think>" not in g and "</think>" not in g for g in generated]
+        out["no_reasoning_block"] = sum(clean) / n
+        # The sampler bans the markers in this mode; without the ban, a greedy reply is the same up to the first
+        # token where the model's own top choice was a marker, so this is the model's rate before the ban.
+        out["no_reasoning_block_unbanned"] = sum(c and not s.banned_argmax for c, s in zip(clean, samples)) / n
     if any(s.task.meta.get("tools") for s in samples):
         out["tool_call_rate"] = sum(any(m["role"] == "tool" for m in s.transcript) for s in samples) / n
     return out

@@ -48,14 +48,13 @@ class SeededEngine:
         self.engine, self.trainer = engine, trainer
 
     def generate(self, prompts, params):
-        if not isinstance(params, SamplingParams) or params.temperature == 0:
-            return self.engine.generate(prompts, params)
+        rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         seen: Counter = Counter()
         per = []
-        for p in prompts:
+        for p, sp in zip(prompts, rows):
             key = tuple(p)
-            per.append(dataclasses.replace(params, seed=request_seed(self.trainer.cfg.seed, self.trainer.step,
-                                                                     list(key), seen[key])))
+            per.append(sp if sp.temperature == 0 else dataclasses.replace(
+                sp, seed=request_seed(self.trainer.cfg.seed, self.trainer.step, list(key), seen[key])))
             seen[key] += 1
         return self.engine.generate(prompts, per)
 

@@ -113,8 +113,8 @@ def off_policy_mask(adv_B: torch.Tensor, logps_BT: torch.Tensor, sampler_logps_B
 
 def token_entropy(logprobs_BTV: torch.Tensor) -> torch.Tensor:
     """Entropy [B, T] of distributions given as log-probs (−inf outside a Keep Sampling Mask set counts 0)."""
-    p = logprobs_BTV.exp()
-    return -torch.where(p > 0, p * logprobs_BTV, torch.zeros((), dtype=p.dtype)).sum(-1)
+    p = logprobs_BTV.exp()   # 0 * -inf: the where sits inside the product, so no NaN reaches the gradient either
+    return -(p * torch.where(p > 0, logprobs_BTV, torch.zeros((), dtype=p.dtype))).sum(-1)
 
 
 def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float = 0.005, lo: float = 0.0,

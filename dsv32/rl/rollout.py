@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.chat import assistant_open, encode_prompt, parse_assistant, tool_outputs_text
+from ..data.chat import assistant_open, encode_prompt, parse_assistant, reasoning_marker_ids, tool_outputs_text
 from ..serve.sampling import SamplingParams
 from . import tasks as T
 
@@ -49,6 +49,7 @@ class Sample:
     reward: float | None = None
     components: dict = field(default_factory=dict)
     token_adv: list[float] | None = None   # process supervision: an advantage per position of `ids` (0 off the turns)
+    banned_argmax: int = 0   # non-thinking: tokens where the model's own first choice was a reasoning marker
 
     @property
     def n_generated(self) -> int:
@@ -91,6 +92,8 @@ def rollout(engine, tokenizer, tasks: list[T.Task], *, group_size: int, params: 
     if len(modes) != len(tasks):
         raise ValueError(f"rollout: {len(modes)} thinking flags for {len(tasks)} tasks; give one, or one per task")
     want_routes = params.return_routes
+    # a non-thinking turn never samples <think> or </think> (its opener closed the reasoning; V3.2's mode contract)
+    by_mode = {True: params, False: params.banning(reasoning_marker_ids(tokenizer))}
     samples = []
     for uid, (task, mode) in enumerate(zip(tasks, modes)):
         prompt = task_prompt(task, tokenizer, mode)
@@ -102,7 +105,7 @@ def rollout(engine, tokenizer, tasks: list[T.Task], *, group_size: int, params: 
     for turn in range(max_turns):
         if not active:
             break
-        outs = engine.generate([s.ids for s in active], params)
+        outs = engine.generate([s.ids for s in active], [by_mode[s.thinking] for s in active])
         still = []
         for s, c in zip(active, outs):
             start = len(s.ids)
@@ -115,6 +118,7 @@ def rollout(engine, tokenizer, tasks: list[T.Task], *, group_size: int, params: 
                 s.routes.append(c.routes)
             s.turns += 1
             s.truncated |= c.truncated
+            s.banned_argmax += c.banned_argmax
             s.text = safe_decode(tokenizer, c.token_ids)
             msg = parse_assistant(s.text, thinking=s.thinking)
             s.transcript.append({"role": "assistant", "content": msg["content"],

@@ -57,6 +57,8 @@ def answer(engine: Engine, tokenizer, messages: list[dict], *, thinking: bool, p
     if room < 1:
         raise ValueError(f"the conversation has {len(prompt)} tokens, the context {engine.max_len}: /reset")
     params.max_tokens = min(params.max_tokens, room)
+    if not thinking:   # the opener closed the reasoning: the reply never opens another block
+        params = params.banning(chat.reasoning_marker_ids(tokenizer))
     rid = engine.add_request(prompt, params)
     stream, parser = TextStream(tokenizer.decode, (), False), chat.StreamParser(thinking=thinking)
     try:

@@ -45,6 +45,7 @@ class Completion:
     truncated: bool  # hit max_tokens or the context limit before a stop
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     request_id: int = -1
+    banned_argmax: int = 0  # steps where the model's own top token was a banned one (what the ban changed)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class _Request:
     routes: list[list[torch.Tensor]] | None = None  # per layer, chunks [n, k]
     cached: int = 0  # tokens in this request's cache row
     text_len: int = 0  # characters of decoded text already searched for stop strings
+    banned_argmax: int = 0
 
 
 class Engine:
@@ -112,6 +114,9 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < (self.vocab_limit or self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_limit or self.vocab_size})")
+        if any(t >= self.vocab_size for t in params.banned_token_ids):
+            raise ValueError(f"banned_token_ids {params.banned_token_ids} reach past the vocabulary of "
+                             f"{self.vocab_size} ids")
         if params.stop and self.decode is None:
             raise ValueError("stop strings need a decode function: Engine(model, decode=tokenizer.decode)")
         dev = self._device()
@@ -267,6 +272,11 @@ class Engine:
         params = [r.params for r in reqs]
         if self.vocab_limit is not None and self.vocab_limit < logits_NV.shape[1]:
             logits_NV[:, self.vocab_limit:] = float("-inf")
+        banning = [i for i, p in enumerate(params) if p.banned_token_ids]
+        if banning:   # the raw argmax, before the ban: how often the ban changed the model's first choice
+            top = logits_NV[banning].argmax(-1).tolist()
+            for i, t in zip(banning, top):
+                reqs[i].banned_argmax += t in params[i].banned_token_ids
         lp_NV, kept_NV = process_logits(logits_NV, params)
         tok_N = sample(lp_NV, [r.generator for r in reqs], [p.temperature == 0 for p in params])
         lp_N = lp_NV.gather(1, tok_N[:, None]).squeeze(1)
@@ -320,4 +330,5 @@ class Engine:
             routes = [torch.cat(chunks).cpu() if chunks else None for chunks in r.routes]
         return Completion(prompt_ids=r.prompt, token_ids=list(r.tokens),
                           logprobs=list(r.logprobs) if r.params.logprobs else None, kept=r.kept, routes=routes,
-                          finish_reason=reason, truncated=truncated, stop_reason=stop_reason, request_id=r.rid)
+                          finish_reason=reason, truncated=truncated, stop_reason=stop_reason, request_id=r.rid,
+                          banned_argmax=r.banned_argmax)

@@ -1,4 +1,4 @@
-"""The one sampling transform of dsv32: temperature -> top-k -> top-p -> min-p, then a draw.
+"""The one sampling transform of dsv32: banned ids out, temperature -> top-k -> top-p -> min-p, then a draw.
 
 The sampler and the trainer must agree on the distribution a token was drawn from, or the first RL
 step's importance ratio is not 1 (rl-distill-anchors.md §1.5 Keep Sampling Mask, §6.5 item 6). So
@@ -16,7 +16,7 @@ Legend: N rows (tokens being sampled), V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -35,23 +35,36 @@ class SamplingParams:
     logprobs: bool = False  # per generated token: log-prob under the processed (kept, renormalised) dist
     return_kept: bool = False  # per generated token: the kept-token set (Keep Sampling Mask), compact
     return_routes: bool = False  # MoE routes of every token the model ran on (Keep Routing)
+    banned_token_ids: tuple[int, ...] = ()  # never sampled: no mass, outside the kept set (see `banning`)
 
     def __post_init__(self):
         self.stop_token_ids, self.stop = tuple(self.stop_token_ids), tuple(self.stop)
+        self.banned_token_ids = tuple(self.banned_token_ids)
         checks = [("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
                   ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
                   ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
                   ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
                   ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
-                  ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings")]
+                  ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+                  ("banned_token_ids", all(isinstance(t, int) and t >= 0 for t in self.banned_token_ids),
+                   "must be token ids (ints >= 0)")]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} {rule}")
+        self.banned_token_ids = tuple(sorted(set(self.banned_token_ids)))
 
     @property
     def truncates(self) -> bool:
         """True when some tokens can be cut from the distribution (the kept set is not the vocabulary)."""
-        return self.temperature == 0 or self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+        return (self.temperature == 0 or self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+                or bool(self.banned_token_ids))
+
+    def banning(self, token_ids) -> "SamplingParams":
+        """A copy that never samples `token_ids` (e.g. a non-thinking turn's reasoning markers). A caller that
+        asked for log-probs also gets the kept sets, since they no longer span the vocabulary: RL replays them
+        (Keep Sampling Mask) and its importance ratio stays exactly 1 on-policy."""
+        return replace(self, banned_token_ids=(*self.banned_token_ids, *token_ids),
+                       return_kept=self.return_kept or self.logprobs)
 
 
 def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
@@ -78,7 +91,8 @@ def _temperatures(temperature, n: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def process_logits(logits_NV: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]):
-    """temperature -> top-k -> top-p -> min-p. Returns (log-softmax over the kept set, -inf elsewhere
+    """(banned ids out) temperature -> top-k -> top-p -> min-p. Returns (log-softmax over the kept set, -inf
+    elsewhere
     [N, V] fp32 (fp64 for fp64 logits); kept mask [N, V] bool). `params`: one for all rows or one per row.
 
     top-k keeps the k highest (ties to the lower id); top-p the smallest prefix of the sorted distribution
@@ -91,6 +105,12 @@ def process_logits(logits_NV: torch.Tensor, params: SamplingParams | Sequence[Sa
     temp_N = torch.tensor([p.temperature for p in rows], dtype=torch.float64, device=dev)
     x_NV = _scaled(logits_NV, temp_N)
     kept_NV = torch.ones(N, V, dtype=torch.bool, device=dev)
+    banned_NV = None
+    if any(p.banned_token_ids for p in rows):   # banned first: the filters and the argmax never see them
+        banned_NV = torch.zeros(N, V, dtype=torch.bool, device=dev)
+        for i, p in enumerate(rows):
+            banned_NV[i, [t for t in p.banned_token_ids if t < V]] = True
+        x_NV, kept_NV = x_NV.masked_fill(banned_NV, float("-inf")), ~banned_NV
     if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in rows):
         top_k_N1 = torch.tensor([p.top_k if p.top_k > 0 else V for p in rows], device=dev)[:, None]
         top_p_N1 = torch.tensor([p.top_p for p in rows], dtype=x_NV.dtype, device=dev)[:, None]
@@ -104,6 +124,8 @@ def process_logits(logits_NV: torch.Tensor, params: SamplingParams | Sequence[Sa
         probs_NV = torch.softmax(xs_NV.masked_fill(~keep_NV, float("-inf")), dim=-1)
         keep_NV &= probs_NV >= min_p_N1 * probs_NV[:, :1]
         kept_NV = torch.zeros_like(keep_NV).scatter_(1, order_NV, keep_NV)
+        if banned_NV is not None:
+            kept_NV &= ~banned_NV
     greedy_N = temp_N == 0
     if bool(greedy_N.any()):
         argmax_NV = torch.zeros_like(kept_NV).scatter_(1, x_NV.argmax(-1, keepdim=True), True)

@@ -11,8 +11,10 @@
 Endpoints: `/v1/chat/completions` and `/v1/completions` (both also as SSE streams), `/v1/models`, `/health`.
 Thinking is chosen per request with `chat_template_kwargs: {"thinking": bool}` (vLLM's convention for
 DeepSeek-V3.1/V3.2); the default is non-thinking, as in vLLM's DeepSeek templates and DeepSeek's
-`deepseek-chat`, unless the server runs with `--thinking`. Reasoning comes back as `reasoning_content` in the
-message (and in stream deltas), tool calls in OpenAI's `tool_calls` format (`dsv32.data.chat` parses them).
+`deepseek-chat`, unless the server runs with `--thinking`. A non-thinking reply never samples `<think>` or
+`</think>` (the template's opener closed the reasoning), so it holds no reasoning block. Reasoning comes back
+as `reasoning_content` in the message (and in stream deltas), tool calls in OpenAI's `tool_calls` format
+(`dsv32.data.chat` parses them).
 Besides OpenAI's sampling fields the body takes vLLM's `top_k`, `min_p` and `stop_token_ids`; `max_tokens`
 defaults to the rest of the context and is capped there (finish_reason "length"). Log-probs, where asked
 for, are those of the sampling distribution (after temperature, top-k, top-p, min-p).
@@ -245,8 +247,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | Non
         queue: asyncio.Queue = asyncio.Queue()
         rids, left = [], set()
         try:
-            for i in range(len(choices)):
-                rids.append(await state["loop"].submit(prompt, _sampling(body, len(prompt), engine.max_len, i), queue))
+            for i, c in enumerate(choices):
+                params = _sampling(body, len(prompt), engine.max_len, i)
+                if c.parser is not None and not c.parser.thinking:   # non-thinking chat: no reasoning block
+                    params = params.banning(chat.reasoning_marker_ids(tokenizer))
+                rids.append(await state["loop"].submit(prompt, params, queue))
                 left.add(rids[-1])
             index = {rid: i for i, rid in enumerate(rids)}
             while left:
