@@ -123,14 +123,20 @@ def tiny() -> PipelineConfig:
         # steps in rows of 128 (half the tokens) 0.29. So math: 128 steps over every prompt, past the knee.
         # Logic and alignment RL: 8 prompts a step (a logic or alignment RL step took 6-7 s against math's 1.2 s,
         # their long prompts; 10 steps moved their own check by 0.00 and -0.04 at 16 prompts).
+        # Tool and alignment also sit on knees, and where depends on the base: 64 tool steps over 600 prompts gave
+        # 0.70 from one base and 0.08 from another (the fresh demo's, base tool loss 0.51 against 0.37). Tool: 128
+        # steps over 1600 distinct prompts (from a base at 0.00: 0.695 / 0.72 / 0.72 at steps 64 / 96 / 128).
+        # Alignment: every distinct training prompt (1232) instead of 600 at the same 64 steps (+13.5 points over
+        # that base, against +9.5 and +16 from 600); 128 steps gave +33, but also lift the generalist's bar.
         specialists=dict(domains=list(S.DOMAINS), steps=10, rl=rl,
                          sft=dict(steps=64, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=5,
                                   tasks_per_domain=600, block_penalty=1.0),
                          by_domain={"math": {"sft": {"steps": 128, "tasks_per_domain": 1570}},
-                                    "tool": {"rl": {"prompts_per_step": 8}},
+                                    "tool": {"sft": {"steps": 128, "tasks_per_domain": 1600},
+                                             "rl": {"prompts_per_step": 8}},
                                     "logic": {"sft": {"steps": 96, "tasks_per_domain": 1200},
                                               "rl": {"prompts_per_step": 8}},
-                                    "alignment": {"rl": {"prompts_per_step": 8}}}),
+                                    "alignment": {"sft": {"tasks_per_domain": 1232}, "rl": {"prompts_per_step": 8}}}),
         # Data and mix, measured from the same specialists (generalist, thinking, held-out; issue 7 notes):
         # - thinking records need a reasoning right step by step (`check_reasoning`), logic too: its specialist writes
         #   a right order in ~9% of its candidates, so logic samples 4 per prompt over 960 prompts (212 checked
@@ -146,8 +152,11 @@ def tiny() -> PipelineConfig:
         # - math weight: with the math specialist at 0.715 (its 629 checked thinking records), math 3 gave the
         #   generalist math 0.39 (tool 0.715, logic 0.355, alignment 0.515); math 7 and alignment 3 gave math 0.54
         #   but tool 0.37 and logic 0.22 (n=200, thinking). Tool and logic sit on knees of their own.
+        # - math prompts: every training prompt (1570, as its specialist learned from; was 800) at the same weight:
+        #   the generalist's math 0.71 against the specialist's 0.73 (1321 thinking records; with 800 prompts:
+        #   0.375-0.39 against 0.56-0.715), tool 0.72 (specialist 0.72), logic 0.295 (0.295).
         generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True, max_batch=128,
-                      by_domain={"math": {"prompts": 800}, "tool": {"prompts": 480},
+                      by_domain={"math": {"prompts": 1570}, "tool": {"prompts": 480},
                                  "logic": {"prompts": 960, "thinking_samples": 4}, "alignment": {"prompts": 480}}),
         distill=dict(steps=400, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0,
                      weights={"math": 3, "tool": 2, "logic": 4, "alignment": 2}, block_penalty=1.0),

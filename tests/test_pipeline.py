@@ -228,3 +228,22 @@ def test_tiny_math_specialist_trains_on_every_math_prompt_once():
     examples = task_examples({"math": 1}, sft["tasks_per_domain"], [True, False])
     assert len(examples) == 2 * len(pool) and len({tuple(e.ids) for e in examples}) == len(examples)
     assert Recipe(**sft).steps > pipeline.tiny().specialists["sft"]["steps"]
+
+
+def test_tiny_specialists_and_math_data_cover_their_training_prompts():
+    """The knees (issue 7): tool trains longer over distinct prompts, alignment over its whole training split, and
+    the distillation's math rows come from every math prompt the math specialist learned from."""
+    from dsv32.train.sft import task_examples
+
+    tiny = pipeline.tiny()
+    sp = tiny.specialists
+
+    def sft(domain):
+        return {**sp["sft"], **sp["by_domain"][domain].get("sft", {})}
+
+    tool, align, math = sft("tool"), sft("alignment"), sft("math")
+    assert tool["steps"] > sp["sft"]["steps"]
+    examples = task_examples({"tool": 1}, tool["tasks_per_domain"], [True])
+    assert len({tuple(e.ids) for e in examples}) == tool["tasks_per_domain"]   # no tool prompt repeated
+    assert align["tasks_per_domain"] == len(T.make_tasks("alignment", 10 ** 4, split="train", allow_fewer=True))
+    assert tiny.generate["by_domain"]["math"]["prompts"] == math["tasks_per_domain"]
