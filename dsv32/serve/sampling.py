@@ -108,8 +108,9 @@ def process_logits(logits_NV: torch.Tensor, params: SamplingParams | Sequence[Sa
     banned_NV = None
     if any(p.banned_token_ids for p in rows):   # banned first: the filters and the argmax never see them
         banned_NV = torch.zeros(N, V, dtype=torch.bool, device=dev)
-        for i, p in enumerate(rows):
-            banned_NV[i, [t for t in p.banned_token_ids if t < V]] = True
+        for ids in {p.banned_token_ids for p in rows if p.banned_token_ids}:   # one write per distinct ban
+            sel_N1 = torch.tensor([i for i, p in enumerate(rows) if p.banned_token_ids == ids], device=dev)[:, None]
+            banned_NV[sel_N1, torch.tensor([t for t in ids if t < V], dtype=torch.long, device=dev)] = True
         x_NV, kept_NV = x_NV.masked_fill(banned_NV, float("-inf")), ~banned_NV
     if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in rows):
         top_k_N1 = torch.tensor([p.top_k if p.top_k > 0 else V for p in rows], device=dev)[:, None]
