@@ -155,3 +155,31 @@ def test_tool_grounding_rewards_answers_read_off_a_tool_output():
     assert tool_grounding(f"</think>{task.answer}{EOS}", task, transcript=[]) == 0.0      # no tool was read
     assert tool_grounding(f"</think>{task.answer}", task, transcript=out, truncated=True) == 0.0
     assert tool_grounding(f"</think>5{EOS}", make_tasks("math", 1)[0]) is None
+
+
+def test_self_verification_rewards_a_right_answer_with_a_right_self_check():
+    """DeepSeekMath-V2's term at byte scale: only a right answer whose reasoning undoes every step of its own
+    chain back to the first number scores; Speciale's rubric then ranks a checked right reply above a plain one."""
+    from dsv32.rl.presets import tiny_mixed, tiny_speciale
+    from dsv32.rl.rewards import self_verification
+    from dsv32.rl.tasks import checked_solution
+
+    tasks = [t for t in make_tasks("math", 40, split="heldout", seed=3) if checked_solution(t)][:10]
+    assert len(tasks) >= 5
+    rubric = Rubric(tiny_speciale().rubric)
+    for t in tasks:
+        checked, plain = checked_solution(t), t.solution
+        good = f"{checked}</think>{t.answer}{EOS}"
+        assert self_verification(good, t) == 1.0
+        assert self_verification(f"{plain}</think>{t.answer}{EOS}", t) == 0.0                # not checked
+        assert self_verification(f"{checked}</think>{int(t.answer) + 1}{EOS}", t) == 0.0      # wrong answer
+        assert self_verification(good, t, truncated=True) == 0.0
+        lines = checked.split("\n")
+        a, _, rest = lines[-2].partition("=")                                                  # last undo step
+        wrong_check = "\n".join([*lines[:-2], f"{a}={int(rest) + 1}", lines[-1]])
+        assert self_verification(f"{wrong_check}</think>{t.answer}{EOS}", t) == 0.0
+        assert self_verification(f"</think>{t.answer}{EOS}", t, thinking=False) is None
+        info = {"thinking": True, "n_tokens": 30, "max_tokens": 128}
+        assert rubric.score(good, t, info)[0] > rubric.score(f"{plain}</think>{t.answer}{EOS}", t, info)[0]
+    assert self_verification("x", make_tasks("logic", 1)[0]) is None
+    assert all("self_verification" not in w for w in tiny_mixed().rubric.values())   # Speciale's term only

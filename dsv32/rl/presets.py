@@ -18,7 +18,7 @@ Presets:
     tiny-hack       math with a deliberately hackable length-loving judge and the guard on (the guard demo)
     tiny-countdown, tiny-logic, tiny-alignment   the other specialists' domains (issue 7)
     tiny-mixed      every domain in one run, all rewards (V3.2's mixed RL stage)
-    tiny-speciale   math only, relaxed length penalty (larger budget, smaller weight), β = 0
+    tiny-speciale   math only, relaxed length penalty (larger budget, smaller weight), β = 0, self-verification
 """
 
 from __future__ import annotations
@@ -191,8 +191,10 @@ def tiny_mixed() -> RLConfig:
 
 
 def tiny_speciale() -> RLConfig:
-    """Math only with a relaxed length penalty: twice the token budget, half the penalty weight, β = 0."""
-    rubric = {"*": {**REASONING_WEIGHTS, "length": REASONING_WEIGHTS["length"] / 2}}
+    """Math only with a relaxed length penalty: twice the token budget, half the penalty weight, β = 0; and
+    DeepSeekMath-V2's self-verification term (`rewards.self_verification`): a right answer with a right
+    self-check scores more than a right answer alone, so RL keeps the longer, checked reasoning it was taught."""
+    rubric = {"*": {**REASONING_WEIGHTS, "length": REASONING_WEIGHTS["length"] / 2, "self_verification": 0.5}}
     return RLConfig(name="tiny-speciale", domains={"math": 1}, rubric=rubric, max_tokens=128, length_budget=128,
                     loss=LossConfig(beta=0.0), beta_by_domain={})
 

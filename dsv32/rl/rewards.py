@@ -25,7 +25,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from ..data.chat import parse_assistant
-from .tasks import Task, verify
+from .tasks import Task, checked_solution, verify
 
 
 @lru_cache(maxsize=4096)
@@ -259,6 +259,37 @@ def arithmetic_steps(completion_text: str) -> list[tuple[int, bool]]:
     return out
 
 
+def self_verification(completion_text: str, task: Task, *, thinking: bool = True, truncated: bool = False,
+                      **info) -> float | None:
+    """1.0 when a right answer comes with a right self-check: the reasoning is a chain of true `a op b = c` steps
+    followed by every step undone back to the first number and the result restated (`tasks.checked_solution`
+    of its own chain), else 0.0. DeepSeekMath-V2's generator is rewarded for its proof and for verifying it
+    faithfully (rl-distill-anchors.md §1.8); this is that term at byte scale, the one Speciale's RL adds. Without
+    it correctness alone rewards dropping the check (a tiny model's extra lines are extra chances to slip), so
+    RL shortens the reasoning Speciale was taught. None outside math and in non-thinking mode (no reasoning).
+
+    >>> t = Task("What is 7+8-3?", "12", "math")
+    >>> self_verification("7+8=15\\n15-3=12\\n12+3=15\\n15-8=7\\nso 12</think>12<｜end▁of▁sentence｜>", t)
+    1.0
+    >>> self_verification("7+8=15\\n15-3=12</think>12<｜end▁of▁sentence｜>", t)      # right, but not checked
+    0.0
+    """
+    if task.domain != "math" or not thinking:
+        return None
+    if truncated or not correctness(completion_text, task, thinking=thinking):
+        return 0.0
+    lines = (parsed(completion_text, thinking)["reasoning_content"] or "").strip().split("\n")
+    n = (len(lines) - 1) // 2
+    if n < 1 or len(lines) != 2 * n + 1:
+        return 0.0
+    reasoning = "\n".join(lines)
+    steps = arithmetic_steps(reasoning)
+    if len(steps) != 2 * n or not all(ok for _, ok in steps):
+        return 0.0
+    return float(checked_solution(Task(task.prompt, task.answer, task.domain, solution="\n".join(lines[:n])))
+                 == reasoning)
+
+
 def length_judge(completion_text: str, task: Task, *, thinking: bool = True, target_chars: int = 48,
                  **info) -> float:
     """A DELIBERATELY HACKABLE reward for the divergence-guard demo (rl-distill-anchors.md §6.5 item 13): a
@@ -273,5 +304,5 @@ def length_judge(completion_text: str, task: Task, *, thinking: bool = True, tar
 
 REWARDS = {"correctness": correctness, "format": format_reward, "length": length_penalty,
            "language": language_consistency, "tool": tool_success, "tool_grounding": tool_grounding,
-           "alignment": alignment_rules,
+           "alignment": alignment_rules, "self_verification": self_verification,
            "length_judge": length_judge}
