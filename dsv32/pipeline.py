@@ -168,7 +168,9 @@ def tiny() -> PipelineConfig:
         #   against 0.504 / 0.621 / 0.324 / 0.495. Seed 0 on one thread: 0.555 / 0.705 / 0.355 / 0.525 against
         #   0.40 / 0.653 / 0.252 / 0.504 (alignment 2 and 500 steps missed by 0.004). Paid for by the tool SFT
         #   (-32 steps), 8 RL steps per specialist (10 moved their own checks by -0.08 to +0.02), mixed RL (-2
-        #   steps) and tool / alignment generation in batches of 256 (-14 s).
+        #   steps) and tool / alignment generation in batches of 256 (-14 s). The fresh demo (2 threads, the demo's
+        #   base) then gave 0.445 / 0.65 / 0.375 / 0.48 against 0.486 / 0.63 / 0.31 / 0.50: math and alignment short.
+        #   Same data sizes as the one-thread run: the spread is in the distillation itself, about +-0.1 on math.
         # (Batches of 256 decode tool and alignment prompts 20-25% faster than 128; logic's long prompts, slower.)
         generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True, max_batch=128,
                       by_domain={"math": {"prompts": 1570}, "tool": {"prompts": 480, "max_batch": 256},
