@@ -171,6 +171,8 @@ def tiny() -> PipelineConfig:
         #   steps) and tool / alignment generation in batches of 256 (-14 s). The fresh demo (2 threads, the demo's
         #   base) then gave 0.445 / 0.65 / 0.375 / 0.48 against 0.486 / 0.63 / 0.31 / 0.50: math and alignment short.
         #   Same data sizes as the one-thread run: the spread is in the distillation itself, about +-0.1 on math.
+        #   That run redone from its distillation at 600 steps: 0.535 / 0.65 / 0.365 / 0.51, over all four (and
+        #   Speciale 0.695 at 25.0 tokens), but 25.8 minutes in all: the 100 steps (~97 s) need paying for first.
         # (Batches of 256 decode tool and alignment prompts 20-25% faster than 128; logic's long prompts, slower.)
         generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True, max_batch=128,
                       by_domain={"math": {"prompts": 1570}, "tool": {"prompts": 480, "max_batch": 256},
