@@ -169,10 +169,16 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistContext:
     return _current
 
 
-def shutdown() -> None:
-    """Leave the process group (if any) and return to the single-process context."""
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (if any) and return to the single-process context.
+
+    wait: a barrier first, so that no rank tears its connections down while another still uses them (the
+    normal end of a job). Not after an error: the other ranks may be inside a different collective.
+    """
     global _current
     if dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     _current = DistContext()
 
@@ -182,11 +188,13 @@ def session(backend: str | None = None):
     """`init()` for the duration of a command; leaves the process group only if this call created it."""
     created = not dist.is_initialized()
     ctx = init(backend)
+    finished = False
     try:
         yield ctx
+        finished = True
     finally:
         if created:
-            shutdown()
+            shutdown(wait=finished)
 
 
 def global_mean(total: torch.Tensor, count) -> torch.Tensor:
