@@ -172,13 +172,14 @@ def tiny() -> PipelineConfig:
         #   base) then gave 0.445 / 0.65 / 0.375 / 0.48 against 0.486 / 0.63 / 0.31 / 0.50: math and alignment short.
         #   Same data sizes as the one-thread run: the spread is in the distillation itself, about +-0.1 on math.
         #   That run redone from its distillation at 600 steps: 0.535 / 0.65 / 0.365 / 0.51, over all four (and
-        #   Speciale 0.695 at 25.0 tokens), but 25.8 minutes in all: the 100 steps (~97 s) need paying for first.
+        #   Speciale 0.695 at 25.0 tokens). 600 steps kept: the whole run, repeated on a faster 2-core machine,
+        #   gave the same numbers in 18.6 minutes (25.8 on the first one; the stages took 1.3-1.6x as long there).
         # (Batches of 256 decode tool and alignment prompts 20-25% faster than 128; logic's long prompts, slower.)
         generate=dict(prompts=320, samples=2, temperature=0.8, max_tokens=64, fill_non_thinking=True, max_batch=128,
                       by_domain={"math": {"prompts": 1570}, "tool": {"prompts": 480, "max_batch": 256},
                                  "logic": {"prompts": 960, "thinking_samples": 4},
                                  "alignment": {"prompts": 480, "max_batch": 256}}),
-        distill=dict(steps=480, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0,
+        distill=dict(steps=600, lr=2e-3, batch_size=16, seq_len=256, warmup_steps=10, on_policy_steps=0,
                      weights={"math": 3, "tool": 2, "logic": 4, "alignment": 3}, block_penalty=1.0),
         # Mixed RL: 2 steps with its own check on 24 prompts per domain and mode (4 and 8 steps moved held-out
         # accuracy by under 0.02; 8 cost 75 s, the rest went to the distillation).
