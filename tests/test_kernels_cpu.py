@@ -7,6 +7,7 @@ the same logits and gradients with the cpu and the reference backend.
 """
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from dsv32.kernels import cpu
 from dsv32.kernels.cpu import common as cpu_common
 from dsv32.kernels.cpu import indexer as cpu_indexer
 from dsv32.kernels.cpu import mla as cpu_mla
+from dsv32.kernels.cpu import native
 from dsv32.kernels import reference as ref
 
 
@@ -50,6 +52,23 @@ def _ref_topk(q, w, k, ksc, ks, ke, topk):
 # -- indexer_topk ------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["native", "torch"])
+def impl(request):
+    """The indexer tests run on both CPU paths: the C kernels (native.c) and their plain-PyTorch twins."""
+    if request.param == "torch":
+        with native.disabled():
+            yield request.param
+    else:
+        if native.lib() is None:
+            pytest.skip("the native CPU kernels are not built here (no C compiler)")
+        yield request.param
+
+
+def test_native_builds_where_a_compiler_is():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.lib() is not None
+
+
 @pytest.mark.parametrize("B,T,S,H,D,topk,scale", [
     (1, 16, 16, 4, 16, 32, False),     # S < k
     (2, 24, 24, 4, 16, 24, True),      # S == k
@@ -57,13 +76,13 @@ def _ref_topk(q, w, k, ksc, ks, ke, topk):
     (1, 40, 300, 16, 32, 64, True),    # more heads, k_scale
     (3, 1, 2000, 4, 16, 64, False),    # decode: one query, long cache
 ])
-def test_indexer_topk_causal_exact(B, T, S, H, D, topk, scale):
+def test_indexer_topk_causal_exact(B, T, S, H, D, topk, scale, impl):
     q, w, k, ksc = _index_inputs(B, T, S, H, D, scale=scale)
     ks, ke = _causal(B, T, S)
     assert torch.equal(cpu.indexer_topk(q, w, k, ksc, ks, ke, topk), _ref_topk(q, w, k, ksc, ks, ke, topk))
 
 
-def test_indexer_topk_documents_exact():
+def test_indexer_topk_documents_exact(impl):
     """Packed documents (ks > 0), empty ranges, ranges past S, non-uniform blocks."""
     B, T, S, H, D, topk = 2, 120, 400, 4, 16, 24
     q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=1, scale=True)
@@ -75,7 +94,7 @@ def test_indexer_topk_documents_exact():
     assert torch.equal(cpu.indexer_topk(q, w, k, ksc, ks, ke, topk), _ref_topk(q, w, k, ksc, ks, ke, topk))
 
 
-def test_indexer_topk_decode_reads_cache_slice():
+def test_indexer_topk_decode_reads_cache_slice(impl):
     """Decode against a long cache with documents: ks/ke of the last position only."""
     B, S, H, D, topk = 2, 3000, 4, 32, 128
     q, w, k, _ = _index_inputs(B, 1, S, H, D, seed=2)
@@ -84,7 +103,7 @@ def test_indexer_topk_decode_reads_cache_slice():
     assert torch.equal(cpu.indexer_topk(q, w, k, None, ks, ke, topk), _ref_topk(q, w, k, None, ks, ke, topk))
 
 
-def test_indexer_topk_ties_exact():
+def test_indexer_topk_ties_exact(impl):
     """Many exact-zero scores (every ReLU is 0): ties go to the lowest index, like the reference."""
     B, T, S, H, D, topk = 2, 64, 500, 4, 16, 48
     q, w, k, _ = _index_inputs(B, T, S, H, D, seed=3)
@@ -99,7 +118,7 @@ def test_indexer_topk_ties_exact():
 
 
 @pytest.mark.parametrize("hits", [2, 8])
-def test_indexer_topk_prefilter_exact(monkeypatch, hits):
+def test_indexer_topk_prefilter_exact(monkeypatch, hits, impl):
     """Long rows take the sampled-threshold prefilter (forced at small k here), exactly like the reference."""
     monkeypatch.setattr(cpu_indexer, "_SAMPLE_HITS", hits)
     B, T, S, H, D, topk = 2, 80, 3000, 4, 16, 64
@@ -109,7 +128,7 @@ def test_indexer_topk_prefilter_exact(monkeypatch, hits):
     assert torch.equal(cpu.indexer_topk(q, w, k, ksc, ks, ke, topk), _ref_topk(q, w, k, ksc, ks, ke, topk))
 
 
-def test_topk_block_adversarial_scores(monkeypatch):
+def test_topk_block_adversarial_scores(monkeypatch, impl):
     """_topk_block on crafted scores: a strided pattern that defeats the sample (the direct fallback),
     +0.0 / -0.0 ties, short rows, rows with nothing visible."""
     monkeypatch.setattr(cpu_indexer, "_SAMPLE_HITS", 4)
@@ -133,7 +152,7 @@ def test_topk_block_adversarial_scores(monkeypatch):
             assert torch.equal(out, expect[rows]), (rows, prefilter)
 
 
-def test_indexer_topk_edge_cases():
+def test_indexer_topk_edge_cases(impl):
     q, w, k, _ = _index_inputs(2, 3, 50, 4, 16, seed=7)
     ks, ke = _causal(2, 3, 50)
     assert cpu.indexer_topk(q, w, k, None, ks, ke, 0).shape == (2, 3, 0)
@@ -142,7 +161,7 @@ def test_indexer_topk_edge_cases():
     assert torch.equal(out, _ref_topk(q, w, k, None, ks, ke, 8)) and (out[1] == -1).all()
 
 
-def test_indexer_topk_bf16_overlap():
+def test_indexer_topk_bf16_overlap(impl):
     B, T, S, H, D, topk = 1, 64, 2048, 4, 64, 256
     q, w, k, _ = _index_inputs(B, T, S, H, D, seed=6, dtype=torch.bfloat16)
     ks, ke = _causal(B, T, S)
@@ -150,6 +169,25 @@ def test_indexer_topk_bf16_overlap():
     expect = _ref_topk(q.float(), w, k.float(), None, ks, ke, topk)
     hits = sum(len(set(out[0, t].tolist()) & set(expect[0, t].tolist())) for t in range(T))
     assert hits / (T * topk) >= 0.98
+
+
+def test_native_bf16_scores_match_torch():
+    """bf16: the fused C epilogue gives the PyTorch path's scores up to fp32 summation order, and the sets
+    agree (a sampled threshold, k_scale, and a key tile boundary inside the block)."""
+    if native.lib() is None:
+        pytest.skip("the native CPU kernels are not built here (no C compiler)")
+    B, T, S, H, D, topk = 2, 48, 5000, 4, 64, 512
+    q, w, k, ksc = _index_inputs(B, T, S, H, D, seed=8, scale=True, dtype=torch.bfloat16)
+    fast = cpu_indexer._block_scores(q, w, k, ksc, torch.bfloat16)
+    with native.disabled():
+        plain = cpu_indexer._block_scores(q, w, k, ksc, torch.bfloat16)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    ks, ke = _causal(B, T, S)
+    out = cpu.indexer_topk(q, w, k, ksc, ks, ke, topk)
+    with native.disabled():
+        expect = cpu.indexer_topk(q, w, k, ksc, ks, ke, topk)
+    same = sum(len(set(out[b, t].tolist()) & set(expect[b, t].tolist())) for b in range(B) for t in range(T))
+    assert same / (B * T * topk) >= 0.999
 
 
 # -- sparse_mla --------------------------------------------------------------------------------

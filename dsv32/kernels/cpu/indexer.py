@@ -7,10 +7,12 @@ import math
 
 import torch
 
+from . import native
 from .common import INVALID, _I64_MIN, _LOW32, _compute_dtype, _rows_for
 
 _KEY_TILE = 2048  # keys per scoring tile: the [rows * H, tile] logits stay in cache
 _SAMPLE_HITS = 128  # prefilter: expected top-k members in the strided sample of a row
+_NATIVE_TILE_BYTES = 1 << 20  # native epilogue: bf16 logits per key tile (stays in L2 for the fused pass)
 
 
 def _block_scores(q_bTHD: torch.Tensor, w_bTH: torch.Tensor, k_bSD: torch.Tensor, k_scale_bS: torch.Tensor | None,
@@ -18,14 +20,28 @@ def _block_scores(q_bTHD: torch.Tensor, w_bTH: torch.Tensor, k_bSD: torch.Tensor
     """fp32 [b * T, S] index scores of b batch rows' query blocks against their key slices, tile by tile over keys.
 
     fp32: the same arithmetic as `reference.indexer_scores` (bit-identical). bf16: logits from the bf16
-    matmul (fp32 accumulation, rounded to bf16), ReLU, then the head-weighted sum in fp32. Several batch
-    rows in one call (decode: b rows of one query each) share one top-k afterwards.
+    matmul (fp32 accumulation, rounded to bf16), ReLU, then the head-weighted sum in fp32 (fused in one pass
+    by `native.c` when it is built, else PyTorch ops). Several batch rows in one call (decode: b rows of
+    one query each) share one top-k afterwards.
     """
     b, T, H, D = q_bTHD.shape
     S = k_bSD.shape[1]
     q_bXD = q_bTHD.to(cdt).reshape(b, T * H, D)
-    w_bT1H = w_bTH.float().reshape(b, T, 1, H)
     out_bTS = torch.empty(b, T, S, dtype=torch.float32, device=q_bTHD.device)
+    lib = native.lib() if cdt == torch.bfloat16 else None
+    if lib is not None:
+        w_bTH = w_bTH.float().contiguous()
+        k_scale_bS = None if k_scale_bS is None else k_scale_bS.float().contiguous()
+        tile = max(256, _NATIVE_TILE_BYTES // (T * H * 2))
+        for i in range(b):
+            for s0 in range(0, S, tile):
+                s1 = min(S, s0 + tile)
+                logits_XS = q_bXD[i] @ k_bSD[i, s0:s1].to(cdt).T
+                lib.dsv32_index_epilogue(logits_XS.data_ptr(), w_bTH[i].data_ptr(),
+                                         None if k_scale_bS is None else k_scale_bS[i, s0:].data_ptr(),
+                                         out_bTS[i, :, s0:].data_ptr(), T, H, s1 - s0, S, 1)
+        return out_bTS.view(b * T, S)
+    w_bT1H = w_bTH.float().reshape(b, T, 1, H)
     tile = max(_KEY_TILE, (2 << 20) // (T * H * 6))  # ~2 MB of logits per tile; decode: one tile
     for i in range(b):  # one mm per batch row: bf16 bmm with few rows is ~10x slower than mm on CPU
         for s0 in range(0, S, tile):
@@ -86,11 +102,19 @@ def _topk_block(scores_TS: torch.Tensor, lo: int, ks_T: torch.Tensor, ke_T: torc
     threshold tau = j-th largest of a strided sample (every m-th key, j a bit above k/m) is checked to
     leave >= min(k, n_valid) keys per row (rows where it does not go the direct way); every top-k key
     scores >= tau, so the int64 (score, -index) top-k over the ~1.3 k candidates equals the full one.
-    The set is written in ascending index order (`_select`).
+    The set is written in ascending index order (`_select`). `native.c` does the same in one C call (a
+    radix select over the candidates) when it is built; it reads `scores_TS` and leaves it as it is.
     """
     T, Sb = scores_TS.shape
     k_out = out_TK.shape[1]
     dev = scores_TS.device
+    lib = native.lib()
+    if lib is not None and k_out > 0:
+        ks_T, ke_T = ks_T.contiguous(), ke_T.contiguous()
+        lib.dsv32_topk_rows(scores_TS.data_ptr(), scores_TS.stride(0), T, lo, lo + Sb, ks_T.data_ptr(),
+                            ke_T.data_ptr(), k_out, out_TK.data_ptr(), out_TK.stride(0),
+                            _SAMPLE_HITS if prefilter else 0, native.threads())
+        return
     ninf = float("-inf")
     hi = lo + Sb
     n_valid = (ke_T - ks_T).clamp_min(0)
@@ -155,8 +179,10 @@ def indexer_topk(q_BTHD: torch.Tensor, w_BTH: torch.Tensor, k_BSD: torch.Tensor,
     cdt = _compute_dtype(q_BTHD, k_BSD)
     ks_BT = ks_BT.to(torch.int64).clamp(0, S)
     ke_BT = ke_BT.to(torch.int64).clamp(0, S)
-    # per query row: fp32 scores, masks, int64 keys (direct path); the logits are per key tile
-    tb = _rows_for(S * (4 + 1 + 8 + 8) + H * _KEY_TILE * 8, B * T, cap=256)
+    # per query row: fp32 scores, masks, int64 keys (direct path); the logits are per key tile. The native
+    # path keeps only the scores (the selection works in place).
+    per_row = S * 4 if native.lib() is not None else S * (4 + 1 + 8 + 8) + H * _KEY_TILE * 8
+    tb = _rows_for(per_row, B * T, cap=256)
     # Short query blocks (decode, small chunks): nb batch rows share one block and one top-k over all
     # their rows (each row keeps its own [ks, ke)).
     nb = max(1, tb // T)
