@@ -13,9 +13,9 @@ _I64_MIN = torch.iinfo(torch.int64).min
 _LOW32 = 0xFFFFFFFF
 
 
-def _rows_for(per_row_bytes: int, n: int, cap: int = 1024) -> int:
-    """Rows per block so that a block's working set stays within BLOCK_BYTES."""
-    return max(1, min(n, cap, BLOCK_BYTES // max(1, per_row_bytes)))
+def _rows_for(per_row_bytes: int, n: int, cap: int = 1024, budget: int | None = None) -> int:
+    """Rows per block so that a block's working set stays within `budget` (default BLOCK_BYTES)."""
+    return max(1, min(n, cap, (budget or BLOCK_BYTES) // max(1, per_row_bytes)))
 
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from .common import _compute_dtype, _rows_for
+from . import native
+from .common import BLOCK_BYTES, _compute_dtype, _rows_for
+
+# The backward's blocks: its working set per query is ~3x the forward's (scores and dp, the gradient rows);
+# measured on CPU, both run best at ~20 queries per block, where the batched matmuls amortise the per-block
+# ops without leaving the cache.
+BACKWARD_BLOCK_BYTES = 3 * BLOCK_BYTES
 
 def _sparse_rows(H: int, K: int, R: int, P: int, esz: int, backward: bool) -> int:
     """Bytes per query of a sparse-attention block."""
@@ -166,7 +172,8 @@ class _SparseMLA(torch.autograd.Function):
                 o_NHR[r0:r1] = torch.bmm(p_THK.to(cdt), kv_TKR)
         lse = lse_NH.view(B, T, H)
         ctx.save_for_backward(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, lse)
-        ctx.scale, ctx.cdt, ctx.tb = scale, cdt, _rows_for(_sparse_rows(H, K, R, P, esz, True), N, cap=256)
+        ctx.scale, ctx.cdt = scale, cdt
+        ctx.tb = _rows_for(_sparse_rows(H, K, R, P, esz, True), N, cap=256, budget=BACKWARD_BLOCK_BYTES)
         ctx.mark_non_differentiable(lse)
         return o_NHR.view(B, T, H, R), lse
 
@@ -175,7 +182,8 @@ class _SparseMLA(torch.autograd.Function):
         """Per block, on the gathered rows g = [kv | pe] (one [K, R+P] matrix per query), three matmuls:
             [q ; do 0] g^T -> scores (recomputed, p = exp(s - lse)) and dp     (2H rows share g)
             ds g       -> [dq_lat | dq_pe]
-            [ds ; p]^T [q ; do 0] -> [dkv | dpe] rows, scattered with index_add_ (fp32, -1 slots to a spill row)
+            [ds ; p]^T [q ; do 0] -> [dkv | dpe] rows, summed in fp32 (`native.c` for bf16, else index_add_
+                                     with -1 slots sent to a spill row)
         """
         q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, lse_BTH = ctx.saved_tensors
         scale, cdt, tb = ctx.scale, ctx.cdt, ctx.tb
@@ -190,6 +198,7 @@ class _SparseMLA(torch.autograd.Function):
         x_buf = torch.zeros(tb, 2 * H, C, dtype=cdt, device=dev)  # [q_lat | q_pe ; do | 0]
         dq_NHC = torch.zeros(N, H, C, dtype=cdt, device=dev) if (need[0] or need[1]) else None
         dsrc = torch.zeros(B * S + 1, C, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
+        lib = native.lib()
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
             n = r1 - r0
@@ -203,20 +212,31 @@ class _SparseMLA(torch.autograd.Function):
             x[:, :H, :R] = _scaled(q_lat_NHR[r0:r1], scale, cdt)
             x[:, :H, R:] = _scaled(q_pe_NHP[r0:r1], scale, cdt)
             x[:, H:, :R] = do_NHR[r0:r1]
-            y_T2K = torch.bmm(x, g_TKC.transpose(1, 2)).float()
-            s_THK = _mask_invalid_(y_T2K[:, :H], valid_TK)
-            p_THK = s_THK.sub_(_safe_lse(lse_NH[r0:r1])[..., None]).exp_()  # recomputed from the LSE
-            dp_THK = y_T2K[:, H:]
-            delta_TH1 = (p_THK * dp_THK).sum(-1, keepdim=True)  # = do . o
-            dp_THK.sub_(delta_TH1).mul_(p_THK)  # now ds = dL/ds (of the scaled logits)
-            sp_T2K = y_T2K.to(cdt)  # [ds ; p] after the swap below
-            sp_T2K = torch.cat((sp_T2K[:, H:], sp_T2K[:, :H]), dim=1)
+            y_T2K = torch.bmm(x, g_TKC.transpose(1, 2))  # [s ; dp]
+            if lib is not None and cdt == torch.bfloat16:  # the elementwise part in one C pass
+                lse_TH = _safe_lse(lse_NH[r0:r1])
+                lib.dsv32_softmax_bwd_bf16(y_T2K.data_ptr(), lse_TH.data_ptr(), valid_TK.data_ptr(), n, H, k, 1)
+                pds_T2K = y_T2K
+            else:
+                y_T2K = y_T2K.float()
+                s_THK = _mask_invalid_(y_T2K[:, :H], valid_TK)
+                p_THK = s_THK.sub_(_safe_lse(lse_NH[r0:r1])[..., None]).exp_()  # recomputed from the LSE
+                dp_THK = y_T2K[:, H:]
+                delta_TH1 = (p_THK * dp_THK).sum(-1, keepdim=True)  # = do . o
+                dp_THK.sub_(delta_TH1).mul_(p_THK)  # now ds = dL/ds (of the scaled logits)
+                pds_T2K = y_T2K.to(cdt)  # [p ; ds]
             if dq_NHC is not None:
-                dq_NHC[r0:r1] = torch.bmm(sp_T2K[:, :H], g_TKC).mul_(scale)
+                dq_NHC[r0:r1] = torch.bmm(pds_T2K[:, H:], g_TKC).mul_(scale)
             if dsrc is not None:
-                dg_TKC = torch.bmm(sp_T2K.transpose(1, 2), x)  # ds^T scale [q_lat | q_pe] + p^T [do | 0]
-                spill = torch.where(valid_TK, rows_TK, B * S).reshape(-1)
-                dsrc.index_add_(0, spill, dg_TKC.reshape(-1, C).float())
+                x_sw = torch.cat((x[:, H:], x[:, :H]), dim=1)  # [do | 0 ; scale q_lat | scale q_pe]
+                dg_TKC = torch.bmm(pds_T2K.transpose(1, 2), x_sw)  # p^T [do | 0] + ds^T scale [q_lat | q_pe]
+                if lib is not None and cdt == torch.bfloat16:  # fp32 sums of the bf16 rows, in C
+                    rows = torch.where(valid_TK, rows_TK, -1).reshape(-1)
+                    lib.dsv32_scatter_add_bf16(dg_TKC.data_ptr(), rows.data_ptr(), dsrc.data_ptr(), rows.numel(),
+                                               C, B * S, native.threads())
+                else:
+                    spill = torch.where(valid_TK, rows_TK, B * S).reshape(-1)
+                    dsrc.index_add_(0, spill, dg_TKC.reshape(-1, C).float())
         dq_BTHC = None if dq_NHC is None else dq_NHC.view(B, T, H, C)
         dsrc_BSC = None if dsrc is None else dsrc[: B * S].view(B, S, C)
         dq_lat = dq_BTHC[..., :R].to(q_lat_BTHR.dtype) if need[0] else None

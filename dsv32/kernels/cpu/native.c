@@ -7,6 +7,8 @@
  *       out[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(logit[t, h, s])
  *   dsv32_topk_rows: per row, the k largest scores among the visible keys [ks, ke), ties to the lower
  *       index (reference.select_topk's rule), written in ascending index order, -1 padded.
+ *   dsv32_scatter_add_bf16: sparse attention's backward, the gathered latents' bf16 gradients summed into
+ *       fp32 rows (index_add_ without the fp32 copy of the source; ~8x faster on CPU).
  *
  * The selection is exact: a strided sample of the row gives a threshold that leaves ~1.3 k candidates (checked
  * to leave at least k), one branch-free pass keeps them, and a radix select on the scores' order-preserving
@@ -245,4 +247,97 @@ void dsv32_topk_rows(const float *scores, int64_t ld, int64_t T, int64_t lo, int
                      const int64_t *ke, int64_t k, int64_t *out, int64_t width, int64_t sample_hits, int threads) {
     struct topk_args a = {scores, ld, lo, hi, ks, ke, k, out, width, sample_hits};
     parallel_rows(topk_rows, &a, T, threads);
+}
+
+/* ---- sparse attention's backward: softmax gradient ----------------------------------------------------- */
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch converts */
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* e^x for x <= 0 (0 below -87): 2^n e^r with n = round(x / ln2) (the 1.5 * 2^23 trick: a float-to-int
+ * conversion would stop the loops below from vectorising), |r| <= ln2 / 2, degree-6 Taylor polynomial (~1 ulp). */
+static inline float exp_nonpos(float x) {
+    const float xc = x < -87.0f ? -87.0f : x;
+    union { float f; uint32_t u; } t = {xc * 1.44269504f + 12582912.0f}; /* n in the low mantissa bits */
+    const float n = t.f - 12582912.0f;
+    const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
+    float e = 1.0f / 720.0f;
+    e = e * r + 1.0f / 120.0f;
+    e = e * r + 1.0f / 24.0f;
+    e = e * r + 1.0f / 6.0f;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    union { uint32_t u; float f; } two_n = {(t.u - 0x4B400000u + 127u) << 23};
+    return x < -87.0f ? 0.0f : e * two_n.f;
+}
+
+struct softmax_bwd_args {
+    uint16_t *y;          /* bf16 [n, 2H, k]: [s ; dp] in, [p ; ds] out */
+    const float *lse;     /* [n, H]; +inf where a row has no valid slot */
+    const uint8_t *valid; /* [n, k]: slot j of query t holds a key */
+    int64_t H, k;
+};
+
+static void softmax_bwd_rows(void *p, int64_t t0, int64_t t1) {
+    const struct softmax_bwd_args *a = (const struct softmax_bwd_args *)p;
+    const int64_t H = a->H, k = a->k;
+    float *pr = (float *)malloc(sizeof(float) * (size_t)k);
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *valid = a->valid + t * k;
+        for (int64_t h = 0; h < H; h++) {
+            uint16_t *s = a->y + (t * 2 * H + h) * k, *dp = a->y + (t * 2 * H + H + h) * k;
+            const float lse = a->lse[t * H + h];
+            for (int64_t j = 0; j < k; j++) pr[j] = exp_nonpos(bf16_to_float(s[j]) - lse) * (float)valid[j];
+            float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+            for (int64_t j = 0; j < k; j++) delta += pr[j] * bf16_to_float(dp[j]);
+#pragma omp simd
+            for (int64_t j = 0; j < k; j++) {
+                s[j] = float_to_bf16(pr[j]);
+                dp[j] = float_to_bf16(pr[j] * (bf16_to_float(dp[j]) - delta));
+            }
+        }
+    }
+    free(pr);
+}
+
+/* In place on y = [s ; dp] (the recomputed scaled logits and do . v per slot): p = exp(s - lse) on the valid
+ * slots, 0 elsewhere; delta = sum_j p dp (= do . o); ds = p (dp - delta). y becomes [p ; ds]. */
+void dsv32_softmax_bwd_bf16(uint16_t *y, const float *lse, const uint8_t *valid, int64_t n, int64_t H, int64_t k,
+                            int threads) {
+    struct softmax_bwd_args a = {y, lse, valid, H, k};
+    parallel_rows(softmax_bwd_rows, &a, n, threads);
+}
+
+/* ---- the latents' gradient: scatter-add ----------------------------------------------------------- */
+
+struct scatter_args {
+    const uint16_t *src; /* bf16 [n, C] */
+    const int64_t *rows; /* [n]; < 0: skipped */
+    float *dst;          /* [n_dst, C] */
+    int64_t n, C, n_dst;
+};
+
+/* Thread r adds the source rows whose destination lies in its share of [0, n_dst): no two threads write
+ * the same row, and each destination row gets its sources in index order (the same sums every run). */
+static void scatter_share(void *p, int64_t r0, int64_t r1) {
+    const struct scatter_args *a = (const struct scatter_args *)p;
+    const int64_t C = a->C;
+    for (int64_t i = 0; i < a->n; i++) {
+        const int64_t r = a->rows[i];
+        if (r < r0 || r >= r1) continue;
+        float *d = a->dst + r * C;
+        const uint16_t *s = a->src + i * C;
+        for (int64_t c = 0; c < C; c++) d[c] += bf16_to_float(s[c]);
+    }
+}
+
+/* dst[rows[i]] += float(src[i]) for every i with rows[i] >= 0: index_add_ of bf16 rows into fp32. */
+void dsv32_scatter_add_bf16(const uint16_t *src, const int64_t *rows, float *dst, int64_t n, int64_t C,
+                            int64_t n_dst, int threads) {
+    struct scatter_args a = {src, rows, dst, n, C, n_dst};
+    parallel_rows(scatter_share, &a, n_dst, threads);
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread", "-std=c11"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 _off = False  # `disabled()`: the plain-PyTorch twins, for parity tests and comparisons
@@ -32,6 +32,8 @@ _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "dsv32_index_epilogue": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
     "dsv32_topk_rows": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int],
+    "dsv32_scatter_add_bf16": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
+    "dsv32_softmax_bwd_bf16": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
 }
 
 
@@ -62,7 +64,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE}:\n{r.stderr.strip()}")
         os.replace(tmp, out)
