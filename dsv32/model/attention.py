@@ -120,8 +120,10 @@ class MLA(nn.Module):
                                         ref.selected_mask(idx_BTK, S))
                 else:
                     q_lat_BTHR = self._absorb_q(q_nope_BTHN)
-                    o_BTHV = self._absorb_out(ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK,
-                                                             self.softmax_scale))
+                    o_lat_BTHR = ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale)
+                    if topk_out is None and kl_out is None:
+                        idx_BTK = None  # freed now: the kernels keep what their backward needs
+                    o_BTHV = self._absorb_out(o_lat_BTHR)
             else:
                 o_BTHV = self._sparse_inference(ops, iq_BTHD, iw_BTH, ik_BSD, ik_scale_BS, q_nope_BTHN, q_pe_BTHP,
                                                 kv_BSR, pe_BSP, ctx)

@@ -171,7 +171,8 @@ class _SparseMLA(torch.autograd.Function):
                     _row_offsets(r0, r1, T, per_kv, dev), _row_offsets(r0, r1, T, per_pe, dev))
                 o_NHR[r0:r1] = torch.bmm(p_THK.to(cdt), kv_TKR)
         lse = lse_NH.view(B, T, H)
-        ctx.save_for_backward(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, lse)
+        # int32 key indices for the backward: half the memory of the [B, T, K] set (S < 2^31)
+        ctx.save_for_backward(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK.to(torch.int32), lse)
         ctx.scale, ctx.cdt = scale, cdt
         ctx.tb = _rows_for(_sparse_rows(H, K, R, P, esz, True), N, cap=256, budget=BACKWARD_BLOCK_BYTES)
         ctx.mark_non_differentiable(lse)
@@ -196,13 +197,15 @@ class _SparseMLA(torch.autograd.Function):
         idx_NK, lse_NH = idx_BTK.reshape(N, K), lse_BTH.reshape(N, H)
         g_buf = torch.empty(tb * K, C, dtype=cdt, device=dev)
         x_buf = torch.zeros(tb, 2 * H, C, dtype=cdt, device=dev)  # [q_lat | q_pe ; do | 0]
-        dq_NHC = torch.zeros(N, H, C, dtype=cdt, device=dev) if (need[0] or need[1]) else None
+        # written block by block in the inputs' dtypes (no [N, H, R + P] buffer copied out at the end)
+        dq_lat_NHR = torch.zeros(N, H, R, dtype=q_lat_BTHR.dtype, device=dev) if need[0] else None
+        dq_pe_NHP = torch.zeros(N, H, P, dtype=q_pe_BTHP.dtype, device=dev) if need[1] else None
         dsrc = torch.zeros(B * S + 1, C, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
         lib = native.lib()
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
             n = r1 - r0
-            idx_TK = _trim(idx_NK[r0:r1])
+            idx_TK = _trim(idx_NK[r0:r1]).long()
             k = idx_TK.shape[1]
             valid_TK = idx_TK >= 0
             off = _row_offsets(r0, r1, T, S, dev)
@@ -225,8 +228,12 @@ class _SparseMLA(torch.autograd.Function):
                 delta_TH1 = (p_THK * dp_THK).sum(-1, keepdim=True)  # = do . o
                 dp_THK.sub_(delta_TH1).mul_(p_THK)  # now ds = dL/ds (of the scaled logits)
                 pds_T2K = y_T2K.to(cdt)  # [p ; ds]
-            if dq_NHC is not None:
-                dq_NHC[r0:r1] = torch.bmm(pds_T2K[:, H:], g_TKC).mul_(scale)
+            if need[0] or need[1]:
+                dq_THC = torch.bmm(pds_T2K[:, H:], g_TKC).mul_(scale)
+                if need[0]:
+                    dq_lat_NHR[r0:r1] = dq_THC[..., :R]
+                if need[1]:
+                    dq_pe_NHP[r0:r1] = dq_THC[..., R:]
             if dsrc is not None:
                 x_sw = torch.cat((x[:, H:], x[:, :H]), dim=1)  # [do | 0 ; scale q_lat | scale q_pe]
                 dg_TKC = torch.bmm(pds_T2K.transpose(1, 2), x_sw)  # p^T [do | 0] + ds^T scale [q_lat | q_pe]
@@ -237,10 +244,9 @@ class _SparseMLA(torch.autograd.Function):
                 else:
                     spill = torch.where(valid_TK, rows_TK, B * S).reshape(-1)
                     dsrc.index_add_(0, spill, dg_TKC.reshape(-1, C).float())
-        dq_BTHC = None if dq_NHC is None else dq_NHC.view(B, T, H, C)
         dsrc_BSC = None if dsrc is None else dsrc[: B * S].view(B, S, C)
-        dq_lat = dq_BTHC[..., :R].to(q_lat_BTHR.dtype) if need[0] else None
-        dq_pe = dq_BTHC[..., R:].to(q_pe_BTHP.dtype) if need[1] else None
+        dq_lat = dq_lat_NHR.view(B, T, H, R) if need[0] else None
+        dq_pe = dq_pe_NHP.view(B, T, H, P) if need[1] else None
         dkv = dsrc_BSC[..., :R].to(kv_BSR.dtype) if need[2] else None
         dpe = dsrc_BSC[..., R:].to(pe_BSP.dtype) if need[3] else None
         return dq_lat, dq_pe, dkv, dpe, None, None
