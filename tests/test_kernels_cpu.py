@@ -279,19 +279,24 @@ def test_batched_decode_over_a_ragged_cache_slice():
 
 
 def test_sparse_mla_bf16_native_gradients_match_torch():
-    """bf16 backward: the C softmax gradient and scatter-add give PyTorch's gradients up to bf16 rounding
-    (batch > 1, -1 slots, keys chosen by several queries)."""
+    """bf16: the C softmax (forward), softmax gradient and scatter-add (backward) give PyTorch's outputs,
+    log-sum-exps and gradients up to bf16 rounding (batch > 1, -1 slots, keys chosen by several queries)."""
     if native.lib() is None:
         pytest.skip("the native CPU kernels are not built here (no C compiler)")
     B, T, S, H, R, P, K = 2, 24, 600, 8, 64, 16, 256
     inputs = [t.detach().bfloat16() for t in _attn_inputs(B, T, S, H, R, P, seed=3)]
     idx = _idx(B, T, S, K, seed=3)
-    grads = []
+    outs, grads = [], []
     for off in (False, True):
         with native.disabled(off):
             xs = [t.clone().requires_grad_() for t in inputs]
-            cpu.sparse_mla(*xs, idx, 0.2).float().square().sum().backward()
+            o, lse = cpu.sparse_mla_lse(*xs, idx, 0.2)
+            o.float().square().sum().backward()
+            outs.append((o.detach().float(), lse))
             grads.append([x.grad.float() for x in xs])
+    (o1, lse1), (o2, lse2) = outs
+    torch.testing.assert_close(o1, o2, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(lse1, lse2, atol=1e-5, rtol=1e-5)  # -inf on the all-invalid row in both
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=4e-3 * float(b.abs().max()), rtol=1e-2)
 

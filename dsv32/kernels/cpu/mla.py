@@ -128,6 +128,7 @@ def _joint_forward(q_lat_NHR, q_pe_NHP, kv_BSR, pe_BSP, idx_NK, scale, cdt, tb, 
     src_NC = torch.cat((kv_BSR.to(cdt), pe_BSP.to(cdt)), dim=-1).view(B * S, -1)
     g_buf = torch.empty(min(N, tb) * K, src_NC.shape[1], dtype=cdt, device=src_NC.device)
     x_buf = torch.empty(min(N, tb), H, src_NC.shape[1], dtype=cdt, device=src_NC.device)
+    lib = native.lib()
     for r0 in range(0, N, tb):
         r1 = min(N, r0 + tb)
         idx_TK = _trim(idx_NK[r0:r1])
@@ -138,7 +139,14 @@ def _joint_forward(q_lat_NHR, q_pe_NHP, kv_BSR, pe_BSP, idx_NK, scale, cdt, tb, 
         x_THC = x_buf[: r1 - r0]
         x_THC[..., :R] = _scaled(q_lat_NHR[r0:r1], scale, cdt)
         x_THC[..., R:] = _scaled(q_pe_NHP[r0:r1], scale, cdt)
-        p_THK, lse_NH[r0:r1] = _softmax_lse(torch.bmm(x_THC, g_TKC.transpose(1, 2)).float(), idx_TK >= 0)
+        s_THK = torch.bmm(x_THC, g_TKC.transpose(1, 2))
+        if lib is not None and cdt == torch.bfloat16:  # masking, max, exp, sum and cast in one C pass
+            lse_TH, valid_TK = lse_NH[r0:r1], idx_TK >= 0  # named: C reads them through raw pointers
+            lib.dsv32_softmax_fwd_bf16(s_THK.data_ptr(), lse_TH.data_ptr(), valid_TK.data_ptr(), r1 - r0, H,
+                                       s_THK.shape[-1], 1)
+            p_THK = s_THK
+        else:
+            p_THK, lse_NH[r0:r1] = _softmax_lse(s_THK.float(), idx_TK >= 0)
         o_NHR[r0:r1] = torch.bmm(p_THK.to(cdt), g_TKC)[..., :R]
 
 

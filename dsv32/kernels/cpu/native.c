@@ -7,6 +7,8 @@
  *       out[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(logit[t, h, s])
  *   dsv32_topk_rows: per row, the k largest scores among the visible keys [ks, ke), ties to the lower
  *       index (reference.select_topk's rule), written in ascending index order, -1 padded.
+ *   dsv32_softmax_fwd_bf16 / dsv32_softmax_bwd_bf16: sparse attention's elementwise steps between its matmuls,
+ *       one pass each where PyTorch makes several (masking, max, exp, sums, casts).
  *   dsv32_scatter_add_bf16: sparse attention's backward, the gathered latents' bf16 gradients summed into
  *       fp32 rows (index_add_ without the fp32 copy of the source; ~8x faster on CPU).
  *
@@ -310,6 +312,57 @@ void dsv32_softmax_bwd_bf16(uint16_t *y, const float *lse, const uint8_t *valid,
                             int threads) {
     struct softmax_bwd_args a = {y, lse, valid, H, k};
     parallel_rows(softmax_bwd_rows, &a, n, threads);
+}
+
+/* ---- sparse attention's forward: softmax ------------------------------------------------------------- */
+
+struct softmax_fwd_args {
+    uint16_t *s;          /* bf16 [n, H, k]: scaled logits in, probabilities out */
+    float *lse;           /* [n, H] out; -inf where no slot is valid */
+    const uint8_t *valid; /* [n, k] */
+    int64_t H, k;
+};
+
+static void softmax_fwd_rows(void *p, int64_t t0, int64_t t1) {
+    const struct softmax_fwd_args *a = (const struct softmax_fwd_args *)p;
+    const int64_t H = a->H, k = a->k;
+    float *e = (float *)malloc(sizeof(float) * (size_t)k);
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *valid = a->valid + t * k;
+        for (int64_t h = 0; h < H; h++) {
+            uint16_t *s = a->s + (t * H + h) * k;
+            float m = -__builtin_inff();
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < k; j++) {
+                const float x = valid[j] ? bf16_to_float(s[j]) : -__builtin_inff();
+                m = x > m ? x : m;
+            }
+            if (m == -__builtin_inff()) { /* nothing visible: p = 0, lse = -inf */
+                memset(s, 0, sizeof(uint16_t) * (size_t)k);
+                a->lse[t * H + h] = m;
+                continue;
+            }
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < k; j++) {
+                e[j] = exp_nonpos(bf16_to_float(s[j]) - m) * (float)valid[j];
+                sum += e[j];
+            }
+            const float inv = 1.0f / sum;
+#pragma omp simd
+            for (int64_t j = 0; j < k; j++) s[j] = float_to_bf16(e[j] * inv);
+            a->lse[t * H + h] = m + __builtin_logf(sum);
+        }
+    }
+    free(e);
+}
+
+/* In place on the scaled logits s (bf16 [n, H, k]): the softmax over each row's valid slots (bf16) and its
+ * log-sum-exp (fp32 [n, H]); a row with no valid slot gives p = 0 and lse = -inf. */
+void dsv32_softmax_fwd_bf16(uint16_t *s, float *lse, const uint8_t *valid, int64_t n, int64_t H, int64_t k,
+                            int threads) {
+    struct softmax_fwd_args a = {s, lse, valid, H, k};
+    parallel_rows(softmax_fwd_rows, &a, n, threads);
 }
 
 /* ---- the latents' gradient: scatter-add ----------------------------------------------------------- */
