@@ -198,7 +198,10 @@ class MLA(nn.Module):
         rows = max(1, _INFERENCE_CHUNK_BYTES // per_query)
         chunks = self._chunk_windows(ctx, T, rows)
         dev = q_nope_BTHN.device.type
-        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal, dev) for t0, t1, lo, hi, _, causal in chunks]
+        # the windows' latents are expanded once for all MHA chunks: the first pays for its whole window
+        # (with a cached prefix, every cached key), each later one for its own new keys
+        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal, dev, expand=(hi - lo) if i == 0 else t1 - t0)
+               for i, (t0, t1, lo, hi, _, causal) in enumerate(chunks)]
         if any(mha):  # per-head keys and values of the windows that run in MHA mode, expanded once
             a = min(c[2] for c, m in zip(chunks, mha) if m)
             b = max(c[3] for c, m in zip(chunks, mha) if m)
@@ -238,13 +241,24 @@ class MLA(nn.Module):
                                           (ctx.ke[:, t0:t1] - ctx.ks[:, t0:t1]).max())) for t0, t1 in bounds])
         return [(t0, t1, lo, hi, n <= self.topk, False) for (t0, t1), (lo, hi, n) in zip(bounds, stats.tolist())]
 
-    def _mha_cheaper(self, t: int, window: int, causal: bool, device: str = "cpu", backward: bool = False) -> bool:
+    def _mha_cheaper(self, t: int, window: int, causal: bool, device: str = "cpu", backward: bool = False,
+                     expand: int | None = None) -> bool:
         """Masked MHA over the whole window costs less than absorbed attention over k gathered keys: FLOPs,
-        the absorbed ones weighted by their measured CPU cost (`_CPU_ABSORBED_COST`)."""
-        H, N, P, R = self.n_heads, self.nope, self.rope_dim, self.kv_rank
+        the absorbed ones weighted by their measured CPU cost (`_CPU_ABSORBED_COST`).
+
+        `expand` (inference) adds each mode's own projections: MHA mode expands `expand` latents into
+        per-head keys and values (W_UK, W_UV), absorbed mode folds the same matrices into the t queries and
+        outputs. They cancel in a prompt's chunks (each expands as many keys as it has queries) but not in
+        decode, where one query would expand every cached key: decode stays absorbed. Training rows (T = S)
+        compare the cores alone."""
+        H, N, P, R, V = self.n_heads, self.nope, self.rope_dim, self.kv_rank, self.v_dim
         mha = t * window * 2 * H * 2 * (N + P) / (2 if causal else 1)  # v padded to N + P for SDPA's fused kernels
         absorbed = t * min(self.topk, window) * 2 * H * (2 * R + P)
-        return mha < absorbed * (_CPU_ABSORBED_COST[backward] if device == "cpu" else 1.0)
+        absorbed *= _CPU_ABSORBED_COST[backward] if device == "cpu" else 1.0
+        if expand is not None:
+            mha += expand * 2 * R * H * (N + V)
+            absorbed += t * 2 * H * R * (N + V)
+        return mha < absorbed
 
     def _mha_keys(self, kv_BWR: torch.Tensor, pe_BWP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [B, H, W, N + P] and values [B, H, W, V padded to N + P] of a key window."""

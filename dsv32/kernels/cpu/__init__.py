@@ -17,8 +17,16 @@ Same ops and shapes as `reference.py` (legend there), plus the training helpers 
         (batched over the block; the K rows are shared by all H heads), fp32 softmax, o = p x kv. Saves the
         inputs, idx and the log-sum-exp [B, T, H]. Backward recomputes p = exp(s - lse) on the selected
         set only and needs three matmuls per block on g = [kv | pe] rows: [q ; do] g^T (scores and dp
-        together), ds g (dq), [ds ; p]^T [q ; do] (dkv | dpe rows, scattered with index_add_ in fp32).
-        bf16 inputs: bf16 matmuls (scores rounded to bf16), softmax and accumulation in fp32.
+        together), ds g (dq), [p ; ds]^T [do ; q] (dkv | dpe rows, summed into fp32 rows).
+        bf16 inputs: bf16 matmuls (scores rounded to bf16), softmax and accumulation in fp32. The
+        backward saves the key indices as int32.
+
+The per-element work that PyTorch would do in several passes runs in C where a compiler is at hand
+(`native.c`, built on first use with `cc -O3 -march=native` and loaded with ctypes; `native.py`): the
+indexer's ReLU-weighted head sum and its top-k selection (a radix select over the sampled candidates),
+and for bf16 sparse attention the softmax, the softmax gradient and the scatter-add of the latents'
+gradients. Each has its plain-PyTorch twin in the same function, taken when the library is missing
+or `DSV32_NATIVE=0`; the tests run both. fp32 selections are exactly the reference's either way.
 
 Training helpers (dsa-anchors.md §1.9). Stage 2 (sparse), gradients to the indexer only:
 

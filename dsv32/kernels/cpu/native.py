@@ -61,7 +61,10 @@ def _build(cc: str) -> Path:
     out = _cache_dir() / f"dsv32_native_{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache (a read-only home): this process's temporary directory
+        out = Path(tempfile.mkdtemp(prefix="dsv32-native-")) / out.name
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
