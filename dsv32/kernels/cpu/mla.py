@@ -243,8 +243,10 @@ class _SparseMLA(torch.autograd.Function):
                 if need[1]:
                     dq_pe_NHP[r0:r1] = dq_THC[..., R:]
             if dsrc is not None:
-                x_sw = torch.cat((x[:, H:], x[:, :H]), dim=1)  # [do | 0 ; scale q_lat | scale q_pe]
-                dg_TKC = torch.bmm(pds_T2K.transpose(1, 2), x_sw)  # p^T [do | 0] + ds^T scale [q_lat | q_pe]
+                if lib is not None and cdt == torch.bfloat16:  # swap the small operand: [do | 0 ; scale q]
+                    dg_TKC = torch.bmm(pds_T2K.transpose(1, 2), torch.cat((x[:, H:], x[:, :H]), dim=1))
+                else:  # the plain path sums ds^T q before p^T do, as it always has (same fp32 rounding)
+                    dg_TKC = torch.bmm(torch.cat((pds_T2K[:, H:], pds_T2K[:, :H]), dim=1).transpose(1, 2), x)
                 if lib is not None and cdt == torch.bfloat16:  # fp32 sums of the bf16 rows, in C
                     rows = torch.where(valid_TK, rows_TK, -1).reshape(-1)
                     lib.dsv32_scatter_add_bf16(dg_TKC.data_ptr(), rows.data_ptr(), dsrc.data_ptr(), rows.numel(),
