@@ -210,6 +210,7 @@ class _SparseMLA(torch.autograd.Function):
         dq_pe_NHP = torch.zeros(N, H, P, dtype=q_pe_BTHP.dtype, device=dev) if need[1] else None
         dsrc = torch.zeros(B * S + 1, C, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
         lib = native.lib()
+        in_c = lib is not None and cdt == torch.bfloat16  # the elementwise steps and the scatter in native.c
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
             n = r1 - r0
@@ -224,7 +225,7 @@ class _SparseMLA(torch.autograd.Function):
             x[:, :H, R:] = _scaled(q_pe_NHP[r0:r1], scale, cdt)
             x[:, H:, :R] = do_NHR[r0:r1]
             y_T2K = torch.bmm(x, g_TKC.transpose(1, 2))  # [s ; dp]
-            if lib is not None and cdt == torch.bfloat16:  # the elementwise part in one C pass
+            if in_c:  # the elementwise part in one pass
                 lse_TH = _safe_lse(lse_NH[r0:r1])
                 lib.dsv32_softmax_bwd_bf16(y_T2K.data_ptr(), lse_TH.data_ptr(), valid_TK.data_ptr(), n, H, k, 1)
                 pds_T2K = y_T2K
@@ -243,11 +244,11 @@ class _SparseMLA(torch.autograd.Function):
                 if need[1]:
                     dq_pe_NHP[r0:r1] = dq_THC[..., R:]
             if dsrc is not None:
-                if lib is not None and cdt == torch.bfloat16:  # swap the small operand: [do | 0 ; scale q]
+                if in_c:  # swap the small operand: [do | 0 ; scale q]
                     dg_TKC = torch.bmm(pds_T2K.transpose(1, 2), torch.cat((x[:, H:], x[:, :H]), dim=1))
                 else:  # the plain path sums ds^T q before p^T do, as it always has (same fp32 rounding)
                     dg_TKC = torch.bmm(torch.cat((pds_T2K[:, H:], pds_T2K[:, :H]), dim=1).transpose(1, 2), x)
-                if lib is not None and cdt == torch.bfloat16:  # fp32 sums of the bf16 rows, in C
+                if in_c:  # fp32 sums of the bf16 rows
                     rows = torch.where(valid_TK, rows_TK, -1).reshape(-1)
                     lib.dsv32_scatter_add_bf16(dg_TKC.data_ptr(), rows.data_ptr(), dsrc.data_ptr(), rows.numel(),
                                                C, B * S, native.threads())
