@@ -28,7 +28,7 @@ def _block_scores(q_bTHD: torch.Tensor, w_bTH: torch.Tensor, k_bSD: torch.Tensor
     S = k_bSD.shape[1]
     q_bXD = q_bTHD.to(cdt).reshape(b, T * H, D)
     out_bTS = torch.empty(b, T, S, dtype=torch.float32, device=q_bTHD.device)
-    lib = native.lib() if cdt == torch.bfloat16 else None
+    lib = native.bf16_lib(cdt)
     if lib is not None:
         w_bTH = w_bTH.float().contiguous()
         k_scale_bS = None if k_scale_bS is None else k_scale_bS.float().contiguous()

@@ -128,7 +128,7 @@ def _joint_forward(q_lat_NHR, q_pe_NHP, kv_BSR, pe_BSP, idx_NK, scale, cdt, tb, 
     src_NC = torch.cat((kv_BSR.to(cdt), pe_BSP.to(cdt)), dim=-1).view(B * S, -1)
     g_buf = torch.empty(min(N, tb) * K, src_NC.shape[1], dtype=cdt, device=src_NC.device)
     x_buf = torch.empty(min(N, tb), H, src_NC.shape[1], dtype=cdt, device=src_NC.device)
-    lib = native.lib()
+    lib = native.bf16_lib(cdt)
     for r0 in range(0, N, tb):
         r1 = min(N, r0 + tb)
         idx_TK = _trim(idx_NK[r0:r1])
@@ -140,7 +140,7 @@ def _joint_forward(q_lat_NHR, q_pe_NHP, kv_BSR, pe_BSP, idx_NK, scale, cdt, tb, 
         x_THC[..., :R] = _scaled(q_lat_NHR[r0:r1], scale, cdt)
         x_THC[..., R:] = _scaled(q_pe_NHP[r0:r1], scale, cdt)
         s_THK = torch.bmm(x_THC, g_TKC.transpose(1, 2))
-        if lib is not None and cdt == torch.bfloat16:  # masking, max, exp, sum and cast in one C pass
+        if lib is not None:  # masking, max, exp, sum and cast in one C pass
             lse_TH, valid_TK = lse_NH[r0:r1], idx_TK >= 0  # named: C reads them through raw pointers
             lib.dsv32_softmax_fwd_bf16(s_THK.data_ptr(), lse_TH.data_ptr(), valid_TK.data_ptr(), r1 - r0, H,
                                        s_THK.shape[-1], 1)
@@ -209,8 +209,7 @@ class _SparseMLA(torch.autograd.Function):
         dq_lat_NHR = torch.zeros(N, H, R, dtype=q_lat_BTHR.dtype, device=dev) if need[0] else None
         dq_pe_NHP = torch.zeros(N, H, P, dtype=q_pe_BTHP.dtype, device=dev) if need[1] else None
         dsrc = torch.zeros(B * S + 1, C, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
-        lib = native.lib()
-        in_c = lib is not None and cdt == torch.bfloat16  # the elementwise steps and the scatter in native.c
+        lib = native.bf16_lib(cdt)  # the elementwise steps and the scatter in native.c
         for r0 in range(0, N, tb):
             r1 = min(N, r0 + tb)
             n = r1 - r0
@@ -225,7 +224,7 @@ class _SparseMLA(torch.autograd.Function):
             x[:, :H, R:] = _scaled(q_pe_NHP[r0:r1], scale, cdt)
             x[:, H:, :R] = do_NHR[r0:r1]
             y_T2K = torch.bmm(x, g_TKC.transpose(1, 2))  # [s ; dp]
-            if in_c:  # the elementwise part in one pass
+            if lib is not None:  # the elementwise part in one pass
                 lse_TH = _safe_lse(lse_NH[r0:r1])
                 lib.dsv32_softmax_bwd_bf16(y_T2K.data_ptr(), lse_TH.data_ptr(), valid_TK.data_ptr(), n, H, k, 1)
                 pds_T2K = y_T2K
@@ -244,15 +243,13 @@ class _SparseMLA(torch.autograd.Function):
                 if need[1]:
                     dq_pe_NHP[r0:r1] = dq_THC[..., R:]
             if dsrc is not None:
-                if in_c:  # swap the small operand: [do | 0 ; scale q]
+                if lib is not None:  # swap the small operand, [do | 0 ; scale q]; fp32 sums of the bf16 rows
                     dg_TKC = torch.bmm(pds_T2K.transpose(1, 2), torch.cat((x[:, H:], x[:, :H]), dim=1))
-                else:  # the plain path sums ds^T q before p^T do, as it always has (same fp32 rounding)
-                    dg_TKC = torch.bmm(torch.cat((pds_T2K[:, H:], pds_T2K[:, :H]), dim=1).transpose(1, 2), x)
-                if in_c:  # fp32 sums of the bf16 rows
                     rows = torch.where(valid_TK, rows_TK, -1).reshape(-1)
                     lib.dsv32_scatter_add_bf16(dg_TKC.data_ptr(), rows.data_ptr(), dsrc.data_ptr(), rows.numel(),
                                                C, B * S, native.threads())
-                else:
+                else:  # ds^T q before p^T do, as it always has been (the same fp32 rounding)
+                    dg_TKC = torch.bmm(torch.cat((pds_T2K[:, H:], pds_T2K[:, :H]), dim=1).transpose(1, 2), x)
                     spill = torch.where(valid_TK, rows_TK, B * S).reshape(-1)
                     dsrc.index_add_(0, spill, dg_TKC.reshape(-1, C).float())
         dsrc_BSC = None if dsrc is None else dsrc[: B * S].view(B, S, C)

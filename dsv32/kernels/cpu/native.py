@@ -102,6 +102,11 @@ def lib() -> ctypes.CDLL | None:
     return _lib
 
 
+def bf16_lib(dtype: torch.dtype) -> ctypes.CDLL | None:
+    """`lib()` for a bf16 compute dtype (the attention passes in C are bf16 only), else None."""
+    return lib() if dtype == torch.bfloat16 else None
+
+
 @contextlib.contextmanager
 def disabled(off: bool = True):
     """Within the block, `lib()` is None: the CPU kernels take their plain-PyTorch paths."""
@@ -115,7 +120,3 @@ def disabled(off: bool = True):
 
 def threads() -> int:
     return max(1, torch.get_num_threads())
-
-
-def ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
