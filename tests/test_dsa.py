@@ -90,6 +90,31 @@ def test_masked_mha_mode_equals_absorbed(monkeypatch, mha, chunk_bytes, docs):
     torch.testing.assert_close(chunked, whole, atol=5e-5, rtol=1e-5)  # fp32, other summation orders
 
 
+def test_masked_mha_mode_bf16_native_equals_absorbed(monkeypatch):
+    """bf16 on CPU: masked MHA mode runs the C kernel (`kernels/cpu/mha.py`); one layer's logits are as close
+    to the fp32 model's as the absorbed path's are (bf16 rounding), packed documents included."""
+    import dsv32.model.attention as attention
+    from dsv32.kernels import cpu
+    from dsv32.kernels.cpu import native
+    if native.lib() is None:
+        pytest.skip("the native CPU kernels are not built here (no C compiler)")
+    calls = []
+    monkeypatch.setattr(cpu, "masked_mha", lambda *a: calls.append(a[0].dtype) or cpu.mha.masked_mha(*a))
+    model = _model(n_layers=1).set_attn_mode("sparse")
+    x = _tokens(2, 40)
+    doc_ids = torch.cat([torch.zeros(2, 25, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        fp32 = model(x, doc_ids=doc_ids)
+        model.bfloat16()
+        errs = []
+        for mha in (True, False):
+            monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, *args, **kw: mha)
+            errs.append(float((model(x, doc_ids=doc_ids).float() - fp32).abs().max()))
+    assert calls and set(calls) == {torch.bfloat16}
+    assert errs[0] <= 1.5 * errs[1] + 1e-3, errs
+    assert errs[0] < 0.05 * float(fp32.abs().max())
+
+
 @pytest.mark.parametrize("mha", [True, False])
 def test_masked_mha_mode_with_a_cached_prefix(monkeypatch, mha):
     """Chunked prefill over a cache (the windows come from the cache positions, not from a plain causal
@@ -129,6 +154,10 @@ def test_masked_mha_mode_is_chosen_for_short_windows():
     assert not mla._mha_cheaper(1, 2 * k, causal=False, expand=2 * k)
     assert not tiny._mha_cheaper(1, 100, causal=False, expand=100)
     assert mla._mha_cheaper(k, 2 * k, causal=False, expand=k)
+    # The C masked-MHA kernel (bf16 prefill on CPU) runs MHA mode faster: windows of 4k keys stay in it.
+    assert mla._mha_cheaper(k, 4 * k, False, expand=k, native_mha=True)
+    assert not mla._mha_cheaper(k, 4 * k, False, expand=k)
+    assert not mla._mha_cheaper(k, 8 * k, False, expand=k, native_mha=True)
 
 
 @pytest.mark.parametrize("docs", [False, True])

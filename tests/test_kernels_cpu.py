@@ -301,6 +301,41 @@ def test_sparse_mla_bf16_native_gradients_match_torch():
         torch.testing.assert_close(a, b, atol=4e-3 * float(b.abs().max()), rtol=1e-2)
 
 
+# -- masked_mha (masked MHA mode) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,T,W,H,K,rows,block_bytes", [
+    (1, 7, 50, 2, 16, 512, 16 << 20),  # one block, every head at once
+    (2, 40, 300, 4, 64, 16, 16 * 300 * 2),  # several query blocks, one head per group
+    (1, 70, 333, 3, 100, 32, 2 * 32 * 333 * 2),  # heads in groups of 2 and 1, w not a multiple of 32
+])
+def test_masked_mha_native_matches_sdpa(monkeypatch, B, T, W, H, K, rows, block_bytes):
+    """bf16 masked MHA mode in C (query blocks over their own key range, head groups, the softmax over the
+    selected keys only) gives the reference's SDPA output up to bf16 rounding, and both are close to fp32:
+    batch > 1, -1 slots, a query with no key, keys chosen by several queries."""
+    if native.lib() is None:
+        pytest.skip("the native CPU kernels are not built here (no C compiler)")
+    from dsv32.kernels.cpu import mha as cpu_mha
+    monkeypatch.setattr(cpu_mha, "MHA_ROWS", rows)
+    monkeypatch.setattr(cpu_mha, "MHA_BLOCK_BYTES", block_bytes)
+    g = _gen(5)
+    D, V = 24, 16
+    q = torch.randn(B, T, H, D, generator=g).bfloat16()
+    k, v = (torch.randn(B, H, W, D, generator=g).bfloat16() for _ in range(2))
+    idx = _idx(B, T, W, K, seed=5)
+    idx[:, 3:] = torch.where(idx[:, 3:] >= 0, idx[:, 3:] // 2 + W // 3, -1)  # a window offset: lo > 0
+    out = cpu.masked_mha(q, k, v, idx, 0.3, V)
+    want = ref.masked_mha(q, k, v, idx, 0.3, V)
+    exact = ref.masked_mha(q.float(), k.float(), v.float(), idx, 0.3, V)
+    assert out.shape == (B, T, H, V) and out.dtype == torch.bfloat16
+    assert torch.equal(out[0, 1], torch.zeros(H, V, dtype=torch.bfloat16))  # the query with no key
+    torch.testing.assert_close(out.float(), exact, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=2e-2)
+    with native.disabled():  # the plain path is the reference's call
+        assert torch.equal(cpu.masked_mha(q, k, v, idx, 0.3, V), want)
+    assert torch.equal(cpu.masked_mha(q.float(), k.float(), v.float(), idx, 0.3, V), exact)  # fp32: reference
+
+
 def test_sparse_mla_invalid_slots_never_touch_the_last_key():
     B, T, S, H, R, P, K = 1, 6, 30, 2, 8, 4, 10
     q_lat, q_pe, kv, pe = _attn_inputs(B, T, S, H, R, P, seed=1)

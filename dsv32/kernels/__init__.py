@@ -1,11 +1,13 @@
 """Attention kernels behind one interface, chosen once per device.
 
-Every backend module provides the same two ops (shapes as in `reference.py`):
+Every backend module provides the same three ops (shapes as in `reference.py`):
 
     indexer_topk(q_BTHD, w_BTH, k_BSD, k_scale_BS, ks_BT, ke_BT, topk) -> idx_BTK   (int64, -1 padded)
         The sets are the reference's; the order inside a set is the backend's (reference and triton: by
         score; cpu: by index) - attention does not depend on it; compare with `reference.ascending`.
     sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale)  -> o_lat_BTHR (differentiable)
+    masked_mha(q_BTHD, k_BHWD, v_BHWD, idx_BTK, scale, v_dim)          -> o_BTHV     (inference)
+        V3.2's masked MHA mode: MHA over a window of per-head keys, each query over its top-k set only.
 
 Backends: `reference` (plain PyTorch, the ground truth), `cpu` (chunked, no L x L tensor), `triton`
 (GPU). Default: triton on CUDA when importable, else cpu when present, else reference. Override with
@@ -33,6 +35,7 @@ class _Reference:
         return reference.select_topk(reference.indexer_scores(q_BTHD, w_BTH, k_BSD, k_scale_BS), ks_BT, ke_BT, topk)
 
     sparse_mla = staticmethod(reference.sparse_mla_gathered)
+    masked_mha = staticmethod(reference.masked_mha)
 
 
 def use(name: str | None) -> None:

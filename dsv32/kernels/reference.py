@@ -13,6 +13,7 @@ special cases.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 INVALID = -1  # top-k slot with no key (never used as an index: PyTorch would wrap it to the last key)
 
@@ -122,3 +123,19 @@ def sparse_mla_gathered(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale):
               + torch.einsum("bthp,btkp->bthk", q_pe_BTHP.float(), pe_BTKP)) * scale
     p_BTHK = _masked_softmax(s_BTHK, valid_BTK[:, :, None, :])
     return torch.einsum("bthk,btkr->bthr", p_BTHK, kv_BTKR).to(q_lat_BTHR.dtype)
+
+
+def sdpa_masked(q_BTHD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, mask_BTS: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """MHA over the keys a [B, T, S] mask allows, through SDPA; rows it allows nothing give 0 (as the absorbed
+    kernels do). Output [B, T, H, v dims] (the value width as given)."""
+    o_BHTV = F.scaled_dot_product_attention(q_BTHD.transpose(1, 2), k_BHSD, v_BHSD, attn_mask=mask_BTS[:, None],
+                                            scale=scale)
+    return o_BHTV.masked_fill(~mask_BTS.any(-1)[:, None, :, None], 0.0).transpose(1, 2)
+
+
+def masked_mha(q_BTHD, k_BHSD, v_BHSD, idx_BTK, scale, v_dim):
+    """V3.2's masked MHA mode: per-head keys and values of a key window [B, H, S, D], each query attending to
+    its top-k set only (idx into the window, -1 padded). Output [B, T, H, v_dim] (the first v_dim value dims:
+    SDPA's fused kernels want v padded to the qk head dim)."""
+    return sdpa_masked(q_BTHD, k_BHSD, v_BHSD, selected_mask(idx_BTK, k_BHSD.shape[2]), scale)[..., :v_dim]

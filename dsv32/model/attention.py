@@ -39,6 +39,9 @@ _MASK_ELEMENTS = 1 << 24  # the largest [B, T, S] top-k mask the one-call masked
 # 3.3-4.6x slower than SDPA in forward + backward (the scatter of the latents' gradients) and ~1.2x slower
 # in forward alone. The masked-MHA rule counts its FLOPs with these factors (GPU kernels: FLOPs as they are).
 _CPU_ABSORBED_COST = {False: 1.2, True: 3.0}  # by grad enabled
+# The C masked-MHA kernel (bf16 prefill, `kernels/cpu/mha.py`), per FLOP of 2H(N+P+V) per pair (v unpadded):
+# measured 1.9x the absorbed path's rate (~350 against ~190 GFLOP/s on 2 cores): it wins up to ~13K keys.
+_CPU_NATIVE_MHA_COST = _CPU_ABSORBED_COST[False] / 1.9
 
 
 class RMSNorm(nn.Module):
@@ -200,8 +203,11 @@ class MLA(nn.Module):
         dev = q_nope_BTHN.device.type
         # the windows' latents are expanded once for all MHA chunks: the first pays for its whole window
         # (with a cached prefix, every cached key), each later one for its own new keys
-        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal, dev, expand=(hi - lo) if i == 0 else t1 - t0)
-               for i, (t0, t1, lo, hi, _, causal) in enumerate(chunks)]
+        native = getattr(ops, "masked_mha_native", None)
+        fast = native is not None and native(q_nope_BTHN.dtype)
+        mha = [self._mha_cheaper(t1 - t0, hi - lo, causal, dev, expand=(hi - lo) if i == 0 else t1 - t0,
+                                 native_mha=fast and not all_visible)
+               for i, (t0, t1, lo, hi, all_visible, causal) in enumerate(chunks)]
         if any(mha):  # per-head keys and values of the windows that run in MHA mode, expanded once
             a = min(c[2] for c, m in zip(chunks, mha) if m)
             b = max(c[3] for c, m in zip(chunks, mha) if m)
@@ -219,8 +225,12 @@ class MLA(nn.Module):
                     mask = None
                 elif idx_BtK is None:  # every visible key is selected
                     mask = ref.valid_mask(ctx.ks[:, t] - lo, ctx.ke[:, t] - lo, hi - lo)
-                else:
-                    mask = ref.selected_mask(torch.where(idx_BtK >= 0, idx_BtK - lo, -1), hi - lo)
+                else:  # the window's keys, each query over its own set
+                    q_BtHD = torch.cat((q_nope_BTHN[:, t], q_pe_BTHP[:, t]), dim=-1)
+                    o_BTHV[:, t] = ops.masked_mha(q_BtHD, k_BHWD[:, :, w], v_BHWD[:, :, w],
+                                                  torch.where(idx_BtK >= 0, idx_BtK - lo, -1), self.softmax_scale,
+                                                  self.v_dim)
+                    continue
                 o_BTHV[:, t] = self._sdpa(q_nope_BTHN[:, t], q_pe_BTHP[:, t], k_BHWD[:, :, w], v_BHWD[:, :, w], mask)
             else:
                 o_lat_BtHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN[:, t]), q_pe_BTHP[:, t], kv_BSR, pe_BSP,
@@ -242,7 +252,7 @@ class MLA(nn.Module):
         return [(t0, t1, lo, hi, n <= self.topk, False) for (t0, t1), (lo, hi, n) in zip(bounds, stats.tolist())]
 
     def _mha_cheaper(self, t: int, window: int, causal: bool, device: str = "cpu", backward: bool = False,
-                     expand: int | None = None) -> bool:
+                     expand: int | None = None, native_mha: bool = False) -> bool:
         """Masked MHA over the whole window costs less than absorbed attention over k gathered keys: FLOPs,
         the absorbed ones weighted by their measured CPU cost (`_CPU_ABSORBED_COST`).
 
@@ -250,9 +260,13 @@ class MLA(nn.Module):
         per-head keys and values (W_UK, W_UV), absorbed mode folds the same matrices into the t queries and
         outputs. They cancel in a prompt's chunks (each expands as many keys as it has queries) but not in
         decode, where one query would expand every cached key: decode stays absorbed. Training rows (T = S)
-        compare the cores alone."""
+        compare the cores alone. `native_mha`: the chunk runs the CPU backend's C masked-MHA kernel
+        (`_CPU_NATIVE_MHA_COST`) instead of SDPA."""
         H, N, P, R, V = self.n_heads, self.nope, self.rope_dim, self.kv_rank, self.v_dim
-        mha = t * window * 2 * H * 2 * (N + P) / (2 if causal else 1)  # v padded to N + P for SDPA's fused kernels
+        if native_mha:
+            mha = t * window * 2 * H * (N + P + V) * _CPU_NATIVE_MHA_COST
+        else:
+            mha = t * window * 2 * H * 2 * (N + P) / (2 if causal else 1)  # v padded to N + P for SDPA's flash
         absorbed = t * min(self.topk, window) * 2 * H * (2 * R + P)
         absorbed *= _CPU_ABSORBED_COST[backward] if device == "cpu" else 1.0
         if expand is not None:
@@ -274,13 +288,11 @@ class MLA(nn.Module):
     def _sdpa(self, q_nope_BTHN, q_pe_BTHP, k_BHSD, v_BHSD, mask_BTS: torch.Tensor | None) -> torch.Tensor:
         """SDPA in MHA mode: causal when `mask` is None, else over the keys the [B, T, S] mask allows (rows it
         allows nothing give 0, as in the absorbed kernels). Output [B, T, H, V]."""
-        q_BHTD = torch.cat((q_nope_BTHN, q_pe_BTHP), dim=-1).transpose(1, 2)
-        if mask_BTS is None:
-            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True, scale=self.softmax_scale)
-        else:
-            o = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask_BTS[:, None],
-                                               scale=self.softmax_scale)
-            o = o.masked_fill(~mask_BTS.any(-1)[:, None, :, None], 0.0)
+        q_BTHD = torch.cat((q_nope_BTHN, q_pe_BTHP), dim=-1)
+        if mask_BTS is not None:
+            return ref.sdpa_masked(q_BTHD, k_BHSD, v_BHSD, mask_BTS, self.softmax_scale)[..., :self.v_dim]
+        o = F.scaled_dot_product_attention(q_BTHD.transpose(1, 2), k_BHSD, v_BHSD, is_causal=True,
+                                           scale=self.softmax_scale)
         return o[..., :self.v_dim].transpose(1, 2)
 
     def _absorbed_dense(self, q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, ctx: AttnContext) -> torch.Tensor:

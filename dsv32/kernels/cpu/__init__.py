@@ -24,9 +24,14 @@ Same ops and shapes as `reference.py` (legend there), plus the training helpers 
 The per-element work that PyTorch would do in several passes runs in C where a compiler is at hand
 (`native.c`, built on first use with `cc -O3 -march=native` and loaded with ctypes; `native.py`): the
 indexer's ReLU-weighted head sum and its top-k selection (a radix select over the sampled candidates),
-and for bf16 sparse attention the softmax, the softmax gradient and the scatter-add of the latents'
-gradients. Each has its plain-PyTorch twin in the same function, taken when the library is missing
+for bf16 sparse attention the softmax, the softmax gradient and the scatter-add of the latents'
+gradients, and masked MHA mode's softmax over the selected keys. Each has its plain-PyTorch twin in the same function, taken when the library is missing
 or `DSV32_NATIVE=0`; the tests run both. fp32 selections are exactly the reference's either way.
+
+    masked_mha(q_BTHD, k_BHWD, v_BHWD, idx_BTK, scale, v_dim) -> o_BTHV
+        V3.2's masked MHA mode for prefill (`mha.py`): per block of queries, bf16 logits over the block's key
+        range, a C softmax over each query's selected keys only, p v; no grad. Otherwise the reference's
+        SDPA call with the [B, T, S] mask. `masked_mha_native(dtype)` says which one runs.
 
 Training helpers (dsa-anchors.md §1.9). Stage 2 (sparse), gradients to the indexer only:
 
@@ -45,7 +50,8 @@ the inputs (gradients, the [B, S, R+P] latents of the backward), peak memory is 
 
 from .indexer import indexer_topk
 from .losses import dense_attn_target_kl, indexer_kl_sparse, indexer_scores_gathered, sparse_attn_target
+from .mha import masked_mha, masked_mha_native
 from .mla import sparse_mla, sparse_mla_lse
 
-__all__ = ["dense_attn_target_kl", "indexer_kl_sparse", "indexer_scores_gathered", "indexer_topk",
-           "sparse_attn_target", "sparse_mla", "sparse_mla_lse"]
+__all__ = ["dense_attn_target_kl", "indexer_kl_sparse", "indexer_scores_gathered", "indexer_topk", "masked_mha",
+           "masked_mha_native", "sparse_attn_target", "sparse_mla", "sparse_mla_lse"]

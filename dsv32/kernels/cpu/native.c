@@ -9,6 +9,8 @@
  *       index (reference.select_topk's rule), written in ascending index order, -1 padded.
  *   dsv32_softmax_fwd_bf16 / dsv32_softmax_bwd_bf16: sparse attention's elementwise steps between its matmuls,
  *       one pass each where PyTorch makes several (masking, max, exp, sums, casts).
+ *   dsv32_masked_softmax_bf16: masked MHA mode's softmax over each query's selected keys, in place on the
+ *       [H, n, w] logits of a query block against its key window.
  *   dsv32_scatter_add_bf16: sparse attention's backward, the gathered latents' bf16 gradients summed into
  *       fp32 rows (index_add_ without the fp32 copy of the source; ~8x faster on CPU).
  *
@@ -323,35 +325,38 @@ struct softmax_fwd_args {
     int64_t H, k;
 };
 
+/* One row in place: s (bf16 logits, times `scale`) -> the softmax over the slots with valid[j] != 0 (bf16, 0 on
+ * the others); returns its log-sum-exp, -inf (and p = 0) when no slot is valid. e: k floats of scratch. */
+static float softmax_row_bf16(uint16_t *s, const uint8_t *valid, int64_t k, float scale, float *e) {
+    float m = -__builtin_inff();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < k; j++) {
+        const float x = valid[j] ? bf16_to_float(s[j]) * scale : -__builtin_inff();
+        m = x > m ? x : m;
+    }
+    if (m == -__builtin_inff()) { /* nothing visible */
+        memset(s, 0, sizeof(uint16_t) * (size_t)k);
+        return m;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < k; j++) {
+        e[j] = exp_nonpos(bf16_to_float(s[j]) * scale - m) * (float)valid[j];
+        sum += e[j];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < k; j++) s[j] = float_to_bf16(e[j] * inv);
+    return m + __builtin_logf(sum);
+}
+
 static void softmax_fwd_rows(void *p, int64_t t0, int64_t t1) {
     const struct softmax_fwd_args *a = (const struct softmax_fwd_args *)p;
     const int64_t H = a->H, k = a->k;
     float *e = (float *)malloc(sizeof(float) * (size_t)k);
     for (int64_t t = t0; t < t1; t++) {
-        const uint8_t *valid = a->valid + t * k;
         for (int64_t h = 0; h < H; h++) {
-            uint16_t *s = a->s + (t * H + h) * k;
-            float m = -__builtin_inff();
-#pragma omp simd reduction(max : m)
-            for (int64_t j = 0; j < k; j++) {
-                const float x = valid[j] ? bf16_to_float(s[j]) : -__builtin_inff();
-                m = x > m ? x : m;
-            }
-            if (m == -__builtin_inff()) { /* nothing visible: p = 0, lse = -inf */
-                memset(s, 0, sizeof(uint16_t) * (size_t)k);
-                a->lse[t * H + h] = m;
-                continue;
-            }
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < k; j++) {
-                e[j] = exp_nonpos(bf16_to_float(s[j]) - m) * (float)valid[j];
-                sum += e[j];
-            }
-            const float inv = 1.0f / sum;
-#pragma omp simd
-            for (int64_t j = 0; j < k; j++) s[j] = float_to_bf16(e[j] * inv);
-            a->lse[t * H + h] = m + __builtin_logf(sum);
+            a->lse[t * H + h] = softmax_row_bf16(a->s + (t * H + h) * k, a->valid + t * k, k, 1.0f, e);
         }
     }
     free(e);
@@ -363,6 +368,97 @@ void dsv32_softmax_fwd_bf16(uint16_t *s, float *lse, const uint8_t *valid, int64
                             int threads) {
     struct softmax_fwd_args a = {s, lse, valid, H, k};
     parallel_rows(softmax_fwd_rows, &a, n, threads);
+}
+
+/* ---- masked MHA mode: the softmax over each query's selected keys ------------------------------------ */
+
+struct masked_args {
+    uint16_t *s;          /* bf16 [H, n, w]: logits of n queries against the key window [lo, lo + w) */
+    const int64_t *idx;   /* [n, k] selected absolute key positions, -1 padded */
+    int64_t lo, n, H, k, w;
+    float scale;
+};
+
+/* The selected slots of a row (bit c of sel: column c) to the front of v, in column order; returns how many.
+ * v has room for the row's count + 32. */
+static int64_t compress_row(const uint16_t *s, const uint32_t *sel, int64_t w, uint16_t *v) {
+    int64_t m = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+    for (int64_t c = 0; c < w; c += 32) {
+        const __mmask32 in = c + 32 <= w ? 0xFFFFFFFFu : (1u << (w - c)) - 1u;
+        const __mmask32 mk = sel[c / 32] & in;
+        const __m512i x = _mm512_maskz_loadu_epi16(in, s + c);
+        _mm512_storeu_si512(v + m, _mm512_maskz_compress_epi16(mk, x)); /* register form: fast on every core */
+        m += __builtin_popcount(mk);
+    }
+#else
+    for (int64_t c = 0; c < w; c++) {
+        if (sel[c / 32] >> (c % 32) & 1u) v[m++] = s[c];
+    }
+#endif
+    return m;
+}
+
+/* The inverse: the row becomes v's values at the selected columns, 0 elsewhere (v: count + 32 readable). */
+static void expand_row(uint16_t *s, const uint32_t *sel, int64_t w, const uint16_t *v) {
+    int64_t m = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+    for (int64_t c = 0; c < w; c += 32) {
+        const __mmask32 in = c + 32 <= w ? 0xFFFFFFFFu : (1u << (w - c)) - 1u;
+        const __mmask32 mk = sel[c / 32] & in;
+        _mm512_mask_storeu_epi16(s + c, in, _mm512_maskz_expand_epi16(mk, _mm512_loadu_si512(v + m)));
+        m += __builtin_popcount(mk);
+    }
+#else
+    for (int64_t c = 0; c < w; c++) s[c] = sel[c / 32] >> (c % 32) & 1u ? v[m++] : 0;
+#endif
+}
+
+static void masked_softmax_rows(void *p, int64_t t0, int64_t t1) {
+    const struct masked_args *a = (const struct masked_args *)p;
+    const int64_t w = a->w, k = a->k, words = (w + 31) / 32;
+    uint32_t *sel = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)words);
+    uint16_t *v = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(w + 32));
+    float *e = (float *)malloc(sizeof(float) * (size_t)(w + 32));
+    for (int64_t t = t0; t < t1; t++) {
+        memset(sel, 0, sizeof(uint32_t) * (size_t)words); /* the query's selected keys as window columns */
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t i = a->idx[t * k + j], c = i - a->lo;
+            if (i >= 0 && c >= 0 && c < w) sel[c / 32] |= 1u << (c % 32);
+        }
+        for (int64_t h = 0; h < a->H; h++) {
+            uint16_t *s = a->s + (h * a->n + t) * w;
+            const int64_t m = compress_row(s, sel, w, v); /* only the selected logits are exponentiated */
+            float mx = -__builtin_inff();
+#pragma omp simd reduction(max : mx)
+            for (int64_t j = 0; j < m; j++) {
+                e[j] = bf16_to_float(v[j]) * a->scale;
+                mx = e[j] > mx ? e[j] : mx;
+            }
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < m; j++) {
+                e[j] = exp_nonpos(e[j] - mx);
+                sum += e[j];
+            }
+            const float inv = 1.0f / sum;
+#pragma omp simd
+            for (int64_t j = 0; j < m; j++) v[j] = float_to_bf16(e[j] * inv);
+            expand_row(s, sel, w, v);
+        }
+    }
+    free(e);
+    free(v);
+    free(sel);
+}
+
+/* In place on the unscaled logits s (bf16 [H, n, w]) of masked MHA mode: each query's softmax over its selected
+ * keys (idx, absolute positions; the window starts at key lo), the logits times `scale` in fp32; 0 on the
+ * keys it did not select (a query that selected none: all 0). The rows then multiply the values as they are. */
+void dsv32_masked_softmax_bf16(uint16_t *s, const int64_t *idx, int64_t lo, int64_t n, int64_t H, int64_t k,
+                               int64_t w, float scale, int threads) {
+    struct masked_args a = {s, idx, lo, n, H, k, w, scale};
+    parallel_rows(masked_softmax_rows, &a, n, threads);
 }
 
 /* ---- the latents' gradient: scatter-add ----------------------------------------------------------- */

@@ -33,6 +33,7 @@ _SIGNATURES = {
     "dsv32_index_epilogue": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
     "dsv32_topk_rows": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int],
     "dsv32_scatter_add_bf16": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
+    "dsv32_masked_softmax_bf16": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _int],
     "dsv32_softmax_bwd_bf16": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
     "dsv32_softmax_fwd_bf16": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
 }
