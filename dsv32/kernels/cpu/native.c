@@ -237,10 +237,15 @@ static void topk_rows(void *p, int64_t t0, int64_t t1) {
         }
         int64_t ties;
         const uint32_t kth = kth_largest(code_buf, m, k, scratch, &ties);
-        for (int64_t i = 0; i < m; i++) { /* above the k-th largest, and its ties by lowest index */
+        int64_t kept = 0; /* above the k-th largest, and its ties by lowest index: compacted in place, branch-free */
+        for (int64_t i = 0; i < m; i++) {
             const uint32_t c = code_buf[i];
-            if (c > kth || (c == kth && ties-- > 0)) o[w++] = s0 + pos_buf[i];
+            const int64_t tie = c == kth && ties > 0;
+            pos_buf[kept] = pos_buf[i];
+            kept += (c > kth) | tie;
+            ties -= tie;
         }
+        for (; w < kept; w++) o[w] = s0 + pos_buf[w];
         for (; w < a->width; w++) o[w] = -1;
     }
     free(code_buf);
