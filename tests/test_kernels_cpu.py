@@ -336,6 +336,35 @@ def test_masked_mha_native_matches_sdpa(monkeypatch, B, T, W, H, K, rows, block_
     assert torch.equal(cpu.masked_mha(q.float(), k.float(), v.float(), idx, 0.3, V), exact)  # fp32: reference
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_mla_absorbed_matches_einsum_then_sparse_mla(monkeypatch, dtype):
+    """The absorption fused into the blocks (`sparse_mla_absorbed`) gives the output and the gradients of the
+    einsum followed by `sparse_mla` (q_nope, W_UK, q_pe, kv, pe), over several blocks and batch rows; int32
+    indices are accepted."""
+    monkeypatch.setattr(cpu_mla, "BACKWARD_BLOCK_BYTES", 1)  # one query per backward block
+    B, T, S, H, Nq, R, P, K = 2, 9, 40, 3, 8, 16, 4, 12
+    g = _gen(11)
+    q_nope = (torch.randn(B, T, H, Nq, generator=g) * 0.5).to(dtype)
+    w_uk = (torch.randn(H, Nq, R, generator=g) * 0.3).to(dtype)
+    _, q_pe, kv, pe = (t.detach().to(dtype) for t in _attn_inputs(B, T, S, H, R, P, seed=11))
+    idx = _idx(B, T, S, K, seed=11)
+    runs = []
+    for fused in (True, False):
+        xs = [t.clone().requires_grad_() for t in (q_nope, w_uk, q_pe, kv, pe)]
+        if fused:
+            o = cpu.sparse_mla_absorbed(xs[0], xs[1], *xs[2:], idx.to(torch.int32), 0.3)
+        else:
+            o = cpu.sparse_mla(torch.einsum("bthn,hnr->bthr", xs[0], xs[1]), *xs[2:], idx, 0.3)
+        o.float().square().sum().backward()
+        runs.append([o.detach().float()] + [x.grad.float() for x in xs])
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else None
+    for a, b in zip(*runs):
+        if tol:
+            torch.testing.assert_close(a, b, **tol)
+        else:
+            torch.testing.assert_close(a, b, atol=2e-2 * float(b.abs().max()), rtol=2e-2)
+
+
 def test_sparse_mla_invalid_slots_never_touch_the_last_key():
     B, T, S, H, R, P, K = 1, 6, 30, 2, 8, 4, 10
     q_lat, q_pe, kv, pe = _attn_inputs(B, T, S, H, R, P, seed=1)
@@ -530,3 +559,34 @@ def test_model_cpu_backend_matches_reference(_restore_backend):
     assert g_ref.keys() == g_cpu.keys() and len(g_ref) > 10
     for n in g_ref:
         torch.testing.assert_close(g_cpu[n], g_ref[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_model_bf16_training_absorbs_inside_the_kernel(monkeypatch):
+    """bf16 training on the cpu backend runs `sparse_mla_absorbed` with int32 indices (no [B, T, H, R] queries
+    or gradients stored); logits and gradients match the separate einsum + `sparse_mla` (the same sets) up to
+    bf16 rounding (one layer, packed documents)."""
+    import dsv32.model.attention as attention
+    monkeypatch.setattr(attention.MLA, "_mha_cheaper", lambda self, *args, **kw: False)  # the absorbed path
+    model = scale_weights(Transformer(make_config(n_layers=1))).set_attn_mode("sparse").bfloat16()
+    x = torch.randint(0, 97, (2, 40), generator=_gen(12))
+    doc_ids = torch.zeros(2, 40, dtype=torch.long)
+    doc_ids[1, 17:] = 1
+    calls, results = [], []
+    for fused in (True, False):
+        if fused:
+            monkeypatch.setattr(cpu, "sparse_mla_absorbed",
+                                lambda *a: calls.append(a[5].dtype) or cpu_mla.sparse_mla_absorbed(*a))
+        else:
+            monkeypatch.delattr(cpu, "sparse_mla_absorbed")
+        model.zero_grad()
+        logits = model(x, doc_ids=doc_ids)
+        logits.float().logsumexp(-1).mean().backward()
+        results.append((logits.detach().float(),
+                        {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    assert calls == [torch.int32]
+    (l_fused, g_fused), (l_plain, g_plain) = results
+    torch.testing.assert_close(l_fused, l_plain, atol=0.02 * float(l_plain.abs().max()), rtol=0.02)
+    assert g_plain.keys() == g_fused.keys() and "layers.0.attn.wkv_b.weight" in g_plain
+    for n in g_plain:
+        scale = float(g_plain[n].abs().max())
+        torch.testing.assert_close(g_fused[n], g_plain[n], atol=0.03 * scale, rtol=0.03, msg=n)

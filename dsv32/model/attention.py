@@ -122,9 +122,19 @@ class MLA(nn.Module):
                     o_BTHV = self._sdpa(q_nope_BTHN, q_pe_BTHP, *self._mha_keys(kv_BSR, pe_BSP),
                                         ref.selected_mask(idx_BTK, S))
                 else:
-                    q_lat_BTHR = self._absorb_q(q_nope_BTHN)
-                    o_lat_BTHR = ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale)
-                    if topk_out is None and kl_out is None:
+                    alone = topk_out is None and kl_out is None
+                    if alone:  # int32 before the attention's buffers exist (half the [B, T, K] set's memory)
+                        idx_BTK = idx_BTK.to(torch.int32)
+                    fused = getattr(ops, "sparse_mla_absorbed", None)
+                    if fused is not None and q_nope_BTHN.dtype in (torch.bfloat16, torch.float16):
+                        # the absorption inside the kernel's blocks: no [B, T, H, R] queries or gradients stored
+                        # (fp32 runs keep the separate einsum and the rounding their recorded results rest on)
+                        o_lat_BTHR = fused(q_nope_BTHN, self._wkv_b_HXR()[:, : self.nope], q_pe_BTHP, kv_BSR, pe_BSP,
+                                           idx_BTK, self.softmax_scale)
+                    else:
+                        q_lat_BTHR = self._absorb_q(q_nope_BTHN)
+                        o_lat_BTHR = ops.sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, self.softmax_scale)
+                    if alone:
                         idx_BTK = None  # freed now: the kernels keep what their backward needs
                     o_BTHV = self._absorb_out(o_lat_BTHR)
             else:

@@ -19,7 +19,10 @@ Same ops and shapes as `reference.py` (legend there), plus the training helpers 
         set only and needs three matmuls per block on g = [kv | pe] rows: [q ; do] g^T (scores and dp
         together), ds g (dq), [p ; ds]^T [do ; q] (dkv | dpe rows, summed into fp32 rows).
         bf16 inputs: bf16 matmuls (scores rounded to bf16), softmax and accumulation in fp32. The
-        backward saves the key indices as int32.
+        backward saves the key indices as int32 (idx may be int32 already).
+    sparse_mla_absorbed(q_nope_BTHN, w_uk_HNR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale) -> o_lat_BTHR
+        The same of q_lat = q_nope W_UK, absorbed block by block: training stores q_nope, not the 4x larger
+        latent queries and their gradient.
 
 The per-element work that PyTorch would do in several passes runs in C where a compiler is at hand
 (`native.c`, built on first use with `cc -O3 -march=native` and loaded with ctypes; `native.py`): the
@@ -51,7 +54,7 @@ the inputs (gradients, the [B, S, R+P] latents of the backward), peak memory is 
 from .indexer import indexer_topk
 from .losses import dense_attn_target_kl, indexer_kl_sparse, indexer_scores_gathered, sparse_attn_target
 from .mha import masked_mha, masked_mha_native
-from .mla import sparse_mla, sparse_mla_lse
+from .mla import sparse_mla, sparse_mla_absorbed, sparse_mla_lse
 
 __all__ = ["dense_attn_target_kl", "indexer_kl_sparse", "indexer_scores_gathered", "indexer_topk", "masked_mha",
-           "masked_mha_native", "sparse_attn_target", "sparse_mla", "sparse_mla_lse"]
+           "masked_mha_native", "sparse_attn_target", "sparse_mla", "sparse_mla_absorbed", "sparse_mla_lse"]

@@ -150,20 +150,34 @@ def _joint_forward(q_lat_NHR, q_pe_NHP, kv_BSR, pe_BSP, idx_NK, scale, cdt, tb, 
         o_NHR[r0:r1] = torch.bmm(p_THK.to(cdt), g_TKC)[..., :R]
 
 
+class _Queries:
+    """The latent queries [N, H, R] of a row range: given as they are, or computed block by block from q_nope
+    [N, H, N'] and W_UK [H, N', R] (the absorption fused in: the whole [N, H, R] is never stored)."""
+
+    def __init__(self, q_NHX: torch.Tensor, w_HXR: torch.Tensor | None):
+        self.q, self.w = q_NHX, w_HXR
+        self.shape = q_NHX.shape if w_HXR is None else (*q_NHX.shape[:2], w_HXR.shape[-1])
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.q[rows] if self.w is None else torch.einsum("thn,hnr->thr", self.q[rows], self.w)
+
+
 class _SparseMLA(torch.autograd.Function):
     """Blocks run over the B * T query rows of all batch rows together (decode at batch B: one block of B
-    queries, one batched matmul), each query gathering from its own batch row of the flat latents."""
+    queries, one batched matmul), each query gathering from its own batch row of the flat latents.
+    With `w_uk`, the first input is q_nope and each block absorbs its own queries (`_Queries`)."""
 
     @staticmethod
-    def forward(ctx, q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale):
-        B, T, H, R = q_lat_BTHR.shape
+    def forward(ctx, q_BTHX, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale, w_uk_HXR=None):
+        B, T, H, X = q_BTHX.shape
+        R = X if w_uk_HXR is None else w_uk_HXR.shape[-1]
         P, K = pe_BSP.shape[-1], idx_BTK.shape[-1]
-        N, dev = B * T, q_lat_BTHR.device
-        cdt = _compute_dtype(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP)
+        N, dev = B * T, q_BTHX.device
+        cdt = _compute_dtype(q_BTHX, q_pe_BTHP, kv_BSR, pe_BSP)
         esz = torch.empty((), dtype=cdt).element_size()
-        o_NHR = torch.empty(N, H, R, dtype=q_lat_BTHR.dtype, device=dev)
+        o_NHR = torch.empty(N, H, R, dtype=q_BTHX.dtype, device=dev)
         lse_NH = torch.empty(N, H, dtype=torch.float32, device=dev)
-        q_lat_NHR, q_pe_NHP = q_lat_BTHR.reshape(N, H, R), q_pe_BTHP.reshape(N, H, P)
+        q_lat_NHR, q_pe_NHP = _Queries(q_BTHX.reshape(N, H, X), w_uk_HXR), q_pe_BTHP.reshape(N, H, P)
         idx_NK = idx_BTK.reshape(N, K)
         tb = _rows_for(_sparse_rows(H, K, R, P, esz, False), N, cap=256)
         S = kv_BSR.shape[1]
@@ -180,7 +194,7 @@ class _SparseMLA(torch.autograd.Function):
                 o_NHR[r0:r1] = torch.bmm(p_THK.to(cdt), kv_TKR)
         lse = lse_NH.view(B, T, H)
         # int32 key indices for the backward: half the memory of the [B, T, K] set (S < 2^31)
-        ctx.save_for_backward(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK.to(torch.int32), lse)
+        ctx.save_for_backward(q_BTHX, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK.to(torch.int32), lse, w_uk_HXR)
         ctx.scale, ctx.cdt = scale, cdt
         ctx.tb = _rows_for(_sparse_rows(H, K, R, P, esz, True), N, cap=256, budget=BACKWARD_BLOCK_BYTES)
         ctx.mark_non_differentiable(lse)
@@ -193,20 +207,25 @@ class _SparseMLA(torch.autograd.Function):
             ds g       -> [dq_lat | dq_pe]
             [ds ; p]^T [q ; do 0] -> [dkv | dpe] rows, summed in fp32 (`native.c` for bf16, else index_add_
                                      with -1 slots sent to a spill row)
+        With `w_uk`, each block's dq_lat becomes dq_nope = dq_lat W_UK^T at once, and dW_UK sums
+        q_nope^T dq_lat in fp32.
         """
-        q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, lse_BTH = ctx.saved_tensors
+        q_BTHX, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, lse_BTH, w_uk_HXR = ctx.saved_tensors
         scale, cdt, tb = ctx.scale, ctx.cdt, ctx.tb
-        B, T, H, R = q_lat_BTHR.shape
+        B, T, H, X = q_BTHX.shape
+        R = kv_BSR.shape[-1]
         S, P, K = kv_BSR.shape[1], pe_BSP.shape[-1], idx_BTK.shape[-1]
-        N, C, dev = B * T, R + P, q_lat_BTHR.device
+        N, C, dev = B * T, R + P, q_BTHX.device
         need = ctx.needs_input_grad
         src_NC = torch.cat((kv_BSR.to(cdt), pe_BSP.to(cdt)), dim=-1).view(B * S, C)  # one gather per block
-        q_lat_NHR, q_pe_NHP, do_NHR = (t.reshape(N, H, -1) for t in (q_lat_BTHR, q_pe_BTHP, do_BTHR))
+        q_NHX, q_pe_NHP, do_NHR = (t.reshape(N, H, -1) for t in (q_BTHX, q_pe_BTHP, do_BTHR))
+        q_lat_NHR = _Queries(q_NHX, w_uk_HXR)
         idx_NK, lse_NH = idx_BTK.reshape(N, K), lse_BTH.reshape(N, H)
         g_buf = torch.empty(tb * K, C, dtype=cdt, device=dev)
         x_buf = torch.zeros(tb, 2 * H, C, dtype=cdt, device=dev)  # [q_lat | q_pe ; do | 0]
         # written block by block in the inputs' dtypes (no [N, H, R + P] buffer copied out at the end)
-        dq_lat_NHR = torch.zeros(N, H, R, dtype=q_lat_BTHR.dtype, device=dev) if need[0] else None
+        dq_NHX = torch.zeros(N, H, X, dtype=q_BTHX.dtype, device=dev) if need[0] else None
+        dw_HXR = torch.zeros(w_uk_HXR.shape, dtype=torch.float32, device=dev) if need[6] else None
         dq_pe_NHP = torch.zeros(N, H, P, dtype=q_pe_BTHP.dtype, device=dev) if need[1] else None
         dsrc = torch.zeros(B * S + 1, C, dtype=torch.float32, device=dev) if (need[2] or need[3]) else None
         lib = native.bf16_lib(cdt)  # the elementwise steps and the scatter in native.c
@@ -236,10 +255,17 @@ class _SparseMLA(torch.autograd.Function):
                 delta_TH1 = (p_THK * dp_THK).sum(-1, keepdim=True)  # = do . o
                 dp_THK.sub_(delta_TH1).mul_(p_THK)  # now ds = dL/ds (of the scaled logits)
                 pds_T2K = y_T2K.to(cdt)  # [p ; ds]
-            if need[0] or need[1]:
+            if need[0] or need[1] or need[6]:
                 dq_THC = torch.bmm(pds_T2K[:, H:], g_TKC).mul_(scale)
-                if need[0]:
-                    dq_lat_NHR[r0:r1] = dq_THC[..., :R]
+                if need[0] or need[6]:
+                    dq_lat_THR = dq_THC[..., :R]
+                    if w_uk_HXR is None:
+                        dq_NHX[r0:r1] = dq_lat_THR
+                    else:
+                        if need[0]:
+                            dq_NHX[r0:r1] = torch.einsum("thr,hnr->thn", dq_lat_THR, w_uk_HXR)
+                        if need[6]:
+                            dw_HXR += torch.einsum("thn,thr->hnr", q_NHX[r0:r1].float(), dq_lat_THR.float())
                 if need[1]:
                     dq_pe_NHP[r0:r1] = dq_THC[..., R:]
             if dsrc is not None:
@@ -253,19 +279,28 @@ class _SparseMLA(torch.autograd.Function):
                     spill = torch.where(valid_TK, rows_TK, B * S).reshape(-1)
                     dsrc.index_add_(0, spill, dg_TKC.reshape(-1, C).float())
         dsrc_BSC = None if dsrc is None else dsrc[: B * S].view(B, S, C)
-        dq_lat = dq_lat_NHR.view(B, T, H, R) if need[0] else None
+        dq = dq_NHX.view(B, T, H, X) if need[0] else None
         dq_pe = dq_pe_NHP.view(B, T, H, P) if need[1] else None
         dkv = dsrc_BSC[..., :R].to(kv_BSR.dtype) if need[2] else None
         dpe = dsrc_BSC[..., R:].to(pe_BSP.dtype) if need[3] else None
-        return dq_lat, dq_pe, dkv, dpe, None, None
+        dw = dw_HXR.to(w_uk_HXR.dtype) if need[6] else None
+        return dq, dq_pe, dkv, dpe, None, None, dw
 
 
 def sparse_mla(q_lat_BTHR: torch.Tensor, q_pe_BTHP: torch.Tensor, kv_BSR: torch.Tensor, pe_BSP: torch.Tensor,
                idx_BTK: torch.Tensor, scale: float) -> torch.Tensor:
     """Sparse MLA over the gathered latents (== reference.sparse_mla_gathered), differentiable. o_lat [B, T, H, R]."""
-    return _SparseMLA.apply(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, float(scale))[0]
+    return _SparseMLA.apply(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, float(scale), None)[0]
+
+
+def sparse_mla_absorbed(q_nope_BTHN: torch.Tensor, w_uk_HNR: torch.Tensor, q_pe_BTHP: torch.Tensor,
+                        kv_BSR: torch.Tensor, pe_BSP: torch.Tensor, idx_BTK: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sparse_mla` of q_lat = q_nope W_UK (per head), the absorption done block by block inside: neither the
+    [B, T, H, R] latent queries nor their gradient is stored (R / N times the size of q_nope; 4x in V3 and at
+    the `small` preset). Differentiable in q_nope, W_UK, q_pe, kv and pe. o_lat [B, T, H, R]."""
+    return _SparseMLA.apply(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, float(scale), w_uk_HNR)[0]
 
 
 def sparse_mla_lse(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_mla` that also returns the log-sum-exp [B, T, H] of the scaled logits (-inf: no valid key)."""
-    return _SparseMLA.apply(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, float(scale))
+    return _SparseMLA.apply(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, float(scale), None)
