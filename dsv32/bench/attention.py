@@ -37,7 +37,7 @@ from ..io import write_json
 from ..model.attention import MLA, RMSNorm
 from ..model.cache import LayerCache
 from . import costs, report
-from .measure import cpu_memory_limit, is_oom, time_runs
+from .measure import MIN_TIMED_S, cpu_memory_limit, is_oom, time_runs
 
 PHASES = ("prefill", "train", "decode")
 IMPLS = ("dense", "dsa", "hf")
@@ -102,7 +102,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of dense,dsa,hf")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--repeats", type=int, help="timed runs per case, median reported (default CPU 3, CUDA 10)")
+    p.add_argument("--repeats", type=int, help="timed runs per case, median reported (default CPU 3, CUDA 10; "
+                   "then cases of a few ms, decode steps, repeat until about 1 s is timed, at most 100 times)")
     p.add_argument("--warmup", type=int, help="untimed runs first (default CPU 1, CUDA 2)")
     p.add_argument("--budget-s", type=float, help="seconds per case; fewer repeats at long lengths, and cases "
                    "predicted to need more for one run are skipped (default CPU 60, CUDA 20)")
@@ -193,6 +194,7 @@ class AttentionBench:
         self.impls = _name_list(args.impls, "impls", IMPLS)
         d = DEFAULTS[dev]
         self.repeats = d["repeats"] if args.repeats is None else args.repeats
+        self.min_timed_s = MIN_TIMED_S if args.repeats is None else 0.0  # --repeats N: exactly N (budget allowing)
         self.warmup = d["warmup"] if args.warmup is None else args.warmup
         self.budget_s = d["budget_s"] if args.budget_s is None else args.budget_s
         if self.repeats < 1 or self.warmup < 1 or self.budget_s <= 0:
@@ -434,7 +436,7 @@ class AttentionBench:
                 rec["path"] = path
                 rec["static_mb"] = round(static / 2**20, 2)
                 m = time_runs(step, reset, self.device, warmup=self.warmup, repeats=self.repeats,
-                              budget_s=self.budget_s)
+                              budget_s=self.budget_s, min_timed_s=self.min_timed_s)
             rec.update(ms=round(m["ms"], 4), peak_mb=round(m["peak_bytes"] / 2**20, 2), times_ms=m["times_ms"],
                        cpu_ms=None if m["cpu_ms"] is None else round(m["cpu_ms"], 4),
                        repeats=len(m["times_ms"]), warmup=m["warmup"])

@@ -1,7 +1,8 @@
 """Timing and peak-memory helpers for the benchmarks.
 
 - `time_runs`: warm-up runs, then the median of `repeats` timed runs (CUDA: synchronised before and
-  after each run). The per-case time budget cuts the repeats, never the measurement itself.
+  after each run); runs of a few ms repeat until about a second is timed. The per-case time budget cuts
+  the repeats, never the measurement itself.
 - Peak memory, in bytes *above what was allocated before the case started* (activations, temporaries,
   gradients; weights, inputs and caches are reported separately by the caller):
   - CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the baseline.
@@ -132,15 +133,21 @@ def _timed(step, device, cpu_times: list | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def time_runs(step, reset, device: torch.device, *, warmup: int, repeats: int, budget_s: float) -> dict:
-    """Run `step` (after `reset`, untimed) `warmup` + up to `repeats` times.
+MIN_TIMED_S = 1.0  # fast cases (decode steps) run more than `repeats` times, until about this much is timed
+MAX_REPEATS = 100
+
+
+def time_runs(step, reset, device: torch.device, *, warmup: int, repeats: int, budget_s: float,
+              min_timed_s: float = MIN_TIMED_S) -> dict:
+    """Run `step` (after `reset`, untimed) `warmup` + up to `repeats` times (more for runs of a few ms:
+    up to `MAX_REPEATS`, so that about `min_timed_s` is timed and the median is not one of three noisy steps).
 
     Returns {"ms": median, "times_ms": [...], "cpu_ms": median process CPU time, "peak_bytes": int,
     "warmup": n, "note": str | None}. On a shared CPU the CPU time is the steadier measure: other
     processes stretch the wall time of a run but not the CPU time it needs.
     The first warm-up run also measures peak memory. Repeats are cut so the case stays within
-    `budget_s` (judged by the last warm-up run); when even one more run would not fit, the first run
-    is the measurement.
+    `budget_s` (judged by the last warm-up run), but at least one run is timed after the warm-up: the
+    first run's time would include the memory tracking's per-op cost.
     """
     note = None
     warmup = max(1, warmup)
@@ -169,18 +176,18 @@ def time_runs(step, reset, device: torch.device, *, warmup: int, repeats: int, b
         last = _timed(step, device)
         spent += last
         n_warm += 1
-    repeats = max(0, min(repeats, int((budget_s - spent) / max(last, 1e-9))))
+    repeats = max(repeats, min(MAX_REPEATS, int(min_timed_s / max(last, 1e-9))))
+    # at least one timed run: the tracked first run pays for the tracking (per op, so more for many small ops)
+    repeats = max(1, min(repeats, int((budget_s - spent) / max(last, 1e-9))))
+    if repeats == 1 and spent + last > budget_s:
+        note = "one timed run: the warm-up used the time budget"
     times, cpu = [], []
-    if repeats:
-        base = start_peak()
-        for _ in range(repeats):
-            reset()
-            times.append(_timed(step, device, cpu))
-        if cuda:  # the timed runs' peak (the first run may include compilation and autotuning)
-            peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        times, cpu = [first], []
-        note = "one run: the first used the time budget" + ("" if cuda else " (timed with memory tracking on)")
+    base = start_peak()
+    for _ in range(repeats):
+        reset()
+        times.append(_timed(step, device, cpu))
+    if cuda:  # the timed runs' peak (the first run may include compilation and autotuning)
+        peak = torch.cuda.max_memory_allocated(device) - base
     reset()
     return {"ms": statistics.median(times) * 1e3, "times_ms": [round(t * 1e3, 4) for t in times],
             "cpu_ms": statistics.median(cpu) * 1e3 if cpu else None,
