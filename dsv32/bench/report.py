@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import pyplot
+from .measure import MAX_REPEATS
 
 PHASE_TITLES = {
     "prefill": "prefill: forward, no grad",
@@ -62,9 +63,12 @@ def markdown(records: list[dict], meta: dict) -> str:
         "head dim; decode: the absorbed masked path over the latent cache). **dsa**: sparse mode (indexer + "
         "top-k + sparse MLA). **hf**: transformers' `DeepseekV32Attention` (SDPA with the top-k folded into "
         "an L×L mask).",
-        f"- Times: median of up to {meta['repeats']} runs after {meta['warmup']} warm-up run(s), at most "
-        f"{meta['budget_s']:g} s per case. Peak MB: {meta['peak_memory']} (weights, inputs and caches excluded; "
-        "see `static_mb` in attention.json).",
+        f"- Times: median of up to {meta['repeats']} runs"
+        + (f" (cases of a few ms: as many as fill ~{meta['min_timed_s']:g} s, at most {MAX_REPEATS})"
+           if meta.get("min_timed_s") else "")
+        + f" after {meta['warmup']} warm-up run(s), at most {meta['budget_s']:g} s per case, and at least one "
+        f"timed run after the first (memory-tracked) one. Peak MB: {meta['peak_memory']} (weights, inputs and "
+        "caches excluded; see `static_mb` in attention.json).",
         f"- Bounds (ideal dense/dsa for these shapes; dsv32/bench/costs.py): a pair costs 2·H·(N+P+V) = "
         f"{meta['mha_pair_flops']} FLOPs in MHA mode and 2·H·(2R+P) = {meta['absorbed_pair_flops']} in absorbed "
         f"mode, c = {meta['c']:.2f}. *attn*: attention cores only, ≈ (L/2)/(k·c) for prefill and train; for "

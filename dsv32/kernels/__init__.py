@@ -6,6 +6,7 @@ Every backend module provides the same three ops (shapes as in `reference.py`):
         The sets are the reference's; the order inside a set is the backend's (reference and triton: by
         score; cpu: by index) - attention does not depend on it; compare with `reference.ascending`.
     sparse_mla(q_lat_BTHR, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, scale)  -> o_lat_BTHR (differentiable)
+        idx may also be int32 (training hands it so: half the memory of the [B, T, K] set).
     masked_mha(q_BTHD, k_BHWD, v_BHWD, idx_BTK, scale, v_dim)          -> o_BTHV     (inference)
         V3.2's masked MHA mode: MHA over a window of per-head keys, each query over its top-k set only.
 

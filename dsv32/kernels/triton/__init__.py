@@ -18,7 +18,6 @@ from __future__ import annotations
 import triton  # noqa: F401  (absent triton: `kernels.get` treats this backend as missing)
 
 from ..reference import masked_mha
-
 from .indexer import indexer_scores, indexer_topk
 from .mla import sparse_mla, sparse_mla_bwd, sparse_mla_fwd
 
