@@ -521,7 +521,8 @@ class AttentionBench:
             tv = None
         return {"preset": self.preset, "device": self.device.type, "device_name": self.device_name,
                 "dtype": str(self.dtype).split(".")[-1], "torch": torch.__version__, "transformers": tv,
-                "kernels": self.backend, "repeats": self.repeats, "min_timed_s": self.min_timed_s, "warmup": self.warmup, "budget_s": self.budget_s,
+                "kernels": self.backend, "repeats": self.repeats, "min_timed_s": self.min_timed_s,
+                "warmup": self.warmup, "budget_s": self.budget_s,
                 "shapes": dataclasses.asdict(s), "c": s.c, "mha_pair_flops": s.mha_pair,
                 "absorbed_pair_flops": s.absorbed_pair,
                 "peak_memory": ("torch.cuda.max_memory_allocated above the case's starting allocation"

@@ -126,9 +126,7 @@ class MLA(nn.Module):
                     if alone:  # int32 before the attention's buffers exist (half the [B, T, K] set's memory)
                         idx_BTK = idx_BTK.to(torch.int32)
                     fused = getattr(ops, "sparse_mla_absorbed", None)
-                    if fused is not None and q_nope_BTHN.dtype in (torch.bfloat16, torch.float16):
-                        # the absorption inside the kernel's blocks: no [B, T, H, R] queries or gradients stored
-                        # (fp32 runs keep the separate einsum and the rounding their recorded results rest on)
+                    if fused is not None:  # the absorption inside the kernel's blocks (no [B, T, H, R] stored)
                         o_lat_BTHR = fused(q_nope_BTHN, self._wkv_b_HXR()[:, : self.nope], q_pe_BTHP, kv_BSR, pe_BSP,
                                            idx_BTK, self.softmax_scale)
                     else:
@@ -233,17 +231,15 @@ class MLA(nn.Module):
                                            ctx.ke[:, t], self.topk)
             if use_mha:
                 w = slice(lo - a, hi - a)
-                if causal:  # the prompt's first rows, each seeing every earlier key: plain causal attention
-                    mask = None
-                elif idx_BtK is None:  # every visible key is selected
-                    mask = ref.valid_mask(ctx.ks[:, t] - lo, ctx.ke[:, t] - lo, hi - lo)
-                else:  # the window's keys, each query over its own set
+                if idx_BtK is not None:  # the window's keys, each query over its own set
                     q_BtHD = torch.cat((q_nope_BTHN[:, t], q_pe_BTHP[:, t]), dim=-1)
                     o_BTHV[:, t] = ops.masked_mha(q_BtHD, k_BHWD[:, :, w], v_BHWD[:, :, w],
                                                   torch.where(idx_BtK >= 0, idx_BtK - lo, -1), self.softmax_scale,
                                                   self.v_dim)
-                    continue
-                o_BTHV[:, t] = self._sdpa(q_nope_BTHN[:, t], q_pe_BTHP[:, t], k_BHWD[:, :, w], v_BHWD[:, :, w], mask)
+                else:  # every visible key is selected; the prompt's first rows: plain causal attention
+                    mask = None if causal else ref.valid_mask(ctx.ks[:, t] - lo, ctx.ke[:, t] - lo, hi - lo)
+                    o_BTHV[:, t] = self._sdpa(q_nope_BTHN[:, t], q_pe_BTHP[:, t], k_BHWD[:, :, w], v_BHWD[:, :, w],
+                                              mask)
             else:
                 o_lat_BtHR = ops.sparse_mla(self._absorb_q(q_nope_BTHN[:, t]), q_pe_BTHP[:, t], kv_BSR, pe_BSP,
                                             idx_BtK, self.softmax_scale)

@@ -28,8 +28,8 @@ The per-element work that PyTorch would do in several passes runs in C where a c
 (`native.c`, built on first use with `cc -O3 -march=native` and loaded with ctypes; `native.py`): the
 indexer's ReLU-weighted head sum and its top-k selection (a radix select over the sampled candidates),
 for bf16 sparse attention the softmax, the softmax gradient and the scatter-add of the latents'
-gradients, and masked MHA mode's softmax over the selected keys. Each has its plain-PyTorch twin in the same function, taken when the library is missing
-or `DSV32_NATIVE=0`; the tests run both. fp32 selections are exactly the reference's either way.
+gradients, and masked MHA mode's softmax over the selected keys. Each has its plain-PyTorch twin in the same
+function, taken when the library is missing or `DSV32_NATIVE=0`; the tests run both. fp32 selections are exactly the reference's either way.
 
     masked_mha(q_BTHD, k_BHWD, v_BHWD, idx_BTK, scale, v_dim) -> o_BTHV
         V3.2's masked MHA mode for prefill (`mha.py`): per block of queries, bf16 logits over the block's key

@@ -294,10 +294,15 @@ def sparse_mla(q_lat_BTHR: torch.Tensor, q_pe_BTHP: torch.Tensor, kv_BSR: torch.
 
 
 def sparse_mla_absorbed(q_nope_BTHN: torch.Tensor, w_uk_HNR: torch.Tensor, q_pe_BTHP: torch.Tensor,
-                        kv_BSR: torch.Tensor, pe_BSP: torch.Tensor, idx_BTK: torch.Tensor, scale: float) -> torch.Tensor:
+                        kv_BSR: torch.Tensor, pe_BSP: torch.Tensor, idx_BTK: torch.Tensor,
+                        scale: float) -> torch.Tensor:
     """`sparse_mla` of q_lat = q_nope W_UK (per head), the absorption done block by block inside: neither the
     [B, T, H, R] latent queries nor their gradient is stored (R / N times the size of q_nope; 4x in V3 and at
-    the `small` preset). Differentiable in q_nope, W_UK, q_pe, kv and pe. o_lat [B, T, H, R]."""
+    the `small` preset). Differentiable in q_nope, W_UK, q_pe, kv and pe. o_lat [B, T, H, R].
+    fp32 takes the whole einsum, then `sparse_mla`: the rounding fp32 runs (the tiny recipe) have always had."""
+    if _compute_dtype(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP) == torch.float32:
+        return sparse_mla(torch.einsum("bthn,hnr->bthr", q_nope_BTHN, w_uk_HNR), q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK,
+                          scale)
     return _SparseMLA.apply(q_nope_BTHN, q_pe_BTHP, kv_BSR, pe_BSP, idx_BTK, float(scale), w_uk_HNR)[0]
 
 
